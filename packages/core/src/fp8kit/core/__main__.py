@@ -1,0 +1,118 @@
+"""`python -m fp8kit.core MODEL OUT_DIR [options]`: quantize a model to FP8 and save a vLLM-readable checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import save_quantized
+from .config import QuantConfig
+from .data import calibration_batches, default_texts, read_text_file
+from .errors import CheckpointError, ConfigError, FP8KitError
+from .surgery import quantize
+
+logger = logging.getLogger("fp8kit.core")
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of the model's unique parameters and buffers."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        key = (t.device, t.data_ptr())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fp8kit.core", description=__doc__)
+    p.add_argument("model", help="Hugging Face model directory, .gguf file, or 'default' (embedded SmolLM2-135M)")
+    p.add_argument("out_dir", type=Path, help="output checkpoint directory (AutoFP8 / vLLM 'fp8' format)")
+    p.add_argument("--activation", choices=["dynamic", "static"], default="dynamic")
+    p.add_argument("--activation-granularity", choices=["tensor", "token"], default="tensor")
+    p.add_argument("--weight", choices=["tensor", "channel"], default="tensor")
+    p.add_argument("--kv-cache", action="store_true", help="calibrate static FP8 KV-cache scales")
+    p.add_argument("--fast-accum", action="store_true", help="use _scaled_mm's fast accumulation")
+    p.add_argument("--calibration-file", type=Path, help="UTF-8 text for calibration (default: built-in text)")
+    p.add_argument("--num-samples", type=int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--ignore", nargs="*", default=None, help="module names or 're:' patterns to keep in high precision")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="dtype to load the model in")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    return p
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def run(args: argparse.Namespace) -> int:
+    from .models import load_model
+
+    start = time.perf_counter()
+    ignore = {} if args.ignore is None else {"ignore": tuple(args.ignore)}
+    config = QuantConfig(
+        weight=args.weight,
+        activation=args.activation,
+        activation_granularity=args.activation_granularity,
+        kv_cache=args.kv_cache,
+        use_fast_accum=args.fast_accum,
+        **ignore,
+    )
+    if config.weight == "channel":
+        raise ConfigError(
+            "--weight channel cannot be saved in the AutoFP8 / vLLM 'fp8' checkpoint format (one scale per weight); "
+            "use --weight tensor (the compressed-tensors format for per-channel scales is planned)"
+        )
+    if args.out_dir.is_dir() and any(args.out_dir.iterdir()) and not args.overwrite:
+        raise CheckpointError(f"{args.out_dir}: directory exists and is not empty; pass --overwrite to replace it")
+    texts = None
+    if config.activation == "static" or config.kv_cache:
+        if args.num_samples < 1 or args.seq_len < 1:
+            raise ConfigError(f"--num-samples ({args.num_samples}) and --seq-len ({args.seq_len}) must be positive")
+        texts = read_text_file(args.calibration_file) if args.calibration_file else default_texts()[0]
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code)
+    calibration = None
+    if texts is not None:
+        if tokenizer is None:
+            raise ConfigError(f"{args.model}: has no tokenizer, so text calibration is impossible")
+        calibration = calibration_batches(tokenizer, texts, args.num_samples, args.seq_len)
+    bytes_before = model_bytes(model)
+    quantize(model, config, calibration)
+    report = model.fp8kit_report
+    if not report.quantized:
+        raise ConfigError(
+            f"{args.model}: no layer could be quantized (no nn.Linear with K and N divisible by 16 outside `ignore`): "
+            + "; ".join(f"{n}: {r}" for n, r in report.skipped.items())
+        )
+    bytes_after = model_bytes(model)
+    save_quantized(model, args.out_dir, tokenizer, overwrite=args.overwrite)
+    print(f"quantized {len(report.quantized)} layers, kept {len(report.skipped)} in high precision:")
+    for name, reason in report.skipped.items():
+        print(f"  {name}: {reason}")
+    if report.kv_cache_layers:
+        print(f"KV-cache scales for {len(report.kv_cache_layers)} attention layers")
+    print(f"model bytes: {bytes_before / 2**20:.1f} MiB -> {bytes_after / 2**20:.1f} MiB ({bytes_after / bytes_before:.2f}x)")
+    print(f"wrote {args.out_dir} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except FP8KitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

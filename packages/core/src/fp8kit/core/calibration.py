@@ -1,0 +1,152 @@
+"""Calibration: observe absmax of unquantized activations (and KV-cache entries) over sample inputs."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import CalibrationError
+
+__all__ = ["CalibrationStats", "calibrate", "as_model_inputs"]
+
+logger = logging.getLogger(__name__)
+
+CalibrationBatch = torch.Tensor | Mapping[str, Any]
+
+
+@dataclass
+class CalibrationStats:
+    """Absmax observed during calibration (fp32 0-dim tensors), over valid (unmasked) positions only.
+
+    input_amax: qualified Linear name -> max over batches of the input's absmax.
+    key_amax / value_amax: attention `layer_idx` -> absmax of keys / values entering the KV cache.
+    """
+
+    input_amax: dict[str, torch.Tensor] = field(default_factory=dict)
+    key_amax: dict[int, torch.Tensor] = field(default_factory=dict)
+    value_amax: dict[int, torch.Tensor] = field(default_factory=dict)
+    batches: int = 0
+    tokens: int = 0
+
+
+def as_model_inputs(batch: CalibrationBatch, device: torch.device) -> dict[str, Any]:
+    """A calibration item as keyword arguments on `device`: a tensor is taken as `input_ids`."""
+    if isinstance(batch, torch.Tensor):
+        batch = {"input_ids": batch.unsqueeze(0) if batch.dim() == 1 else batch}
+    elif not isinstance(batch, Mapping):
+        raise CalibrationError(
+            f"calibration item of type {type(batch).__name__} is not a tensor of input ids or a dict of model inputs"
+        )
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _update_max(store: dict, key: Any, value: torch.Tensor) -> None:
+    value = value.detach().float()
+    store[key] = value if key not in store else torch.maximum(store[key], value)
+
+
+def _valid_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Rows of `x` [..., K] as [R, K], dropping positions the attention mask excludes.
+
+    The mask [B, T] applies when the leading dims of `x` flatten to B*T rows (all Linear inputs
+    of a transformer); otherwise every row counts.
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    if mask is not None and rows.shape[0] == mask.numel():
+        rows = rows[mask.reshape(-1)]
+    return rows
+
+
+def _observe_kv(cache: Any, stats: CalibrationStats, state: dict) -> None:
+    """Wrap this cache instance's `update` to record keys / values as they enter it (after RoPE)."""
+    update = cache.update
+
+    def observing_update(key_states, value_states, layer_idx, *args, **kwargs):
+        mask = state["mask"]
+        for store, states in ((stats.key_amax, key_states), (stats.value_amax, value_states)):
+            tokens = states.transpose(1, 2)  # (B, H, T, D) -> (B, T, H, D)
+            if mask is not None and tokens.shape[:2] == mask.shape:
+                tokens = tokens[mask]  # (valid tokens, H, D)
+            if tokens.numel():
+                _update_max(store, layer_idx, tokens.abs().amax())
+        return update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    cache.update = observing_update
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    """transformers renamed `past_key_values` to `cache` (5.2x); use the name this version takes."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    layer_names: list[str],
+    calibration: Iterable[CalibrationBatch],
+    *,
+    kv_cache: bool = False,
+) -> CalibrationStats:
+    """Run `calibration` through the unquantized `model`, recording input absmax of `layer_names`.
+
+    Padding excluded: positions where `attention_mask` is 0 do not count, so a right-padded batch
+    gives the same statistics as its sequences one by one. With `kv_cache`, keys and values are
+    observed as they enter a transformers cache (after RoPE), as vLLM applies its KV scales.
+    """
+    stats = CalibrationStats()
+    state: dict[str, torch.Tensor | None] = {"mask": None}
+    modules = dict(model.named_modules())
+    missing = [name for name in layer_names if name not in modules]
+    if missing:
+        raise CalibrationError(f"calibrate: no modules named {missing}")
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            rows = _valid_rows(args[0], state["mask"])
+            if rows.numel():
+                _update_max(stats.input_amax, name, rows.abs().amax())
+
+        return hook
+
+    handles = [modules[name].register_forward_pre_hook(make_hook(name)) for name in layer_names]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in tqdm(calibration, desc="Calibrating", unit="batch"):
+            inputs = as_model_inputs(batch, device)
+            mask = inputs.get("attention_mask")
+            state["mask"] = mask.bool() if mask is not None else None
+            if kv_cache:
+                from transformers import DynamicCache
+
+                cache = DynamicCache(config=getattr(model, "config", None))
+                _observe_kv(cache, stats, state)
+                inputs = {**inputs, _cache_kwarg(model): cache, "use_cache": True}
+            model(**inputs)
+            stats.batches += 1
+            ids = inputs.get("input_ids")
+            stats.tokens += int(state["mask"].sum()) if state["mask"] is not None else (ids.numel() if ids is not None else 0)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if stats.batches == 0:
+        raise CalibrationError("calibration data is empty: give at least one batch of model inputs")
+    for name, amax in stats.input_amax.items():
+        if not torch.isfinite(amax):
+            raise CalibrationError(f"layer {name}: calibration saw a non-finite input absmax ({amax.item()})")
+    if kv_cache and not stats.key_amax:
+        raise CalibrationError(
+            "kv_cache=True but no keys or values reached a transformers cache during calibration: "
+            "the model does not use `past_key_values`"
+        )
+    logger.info("calibrated on %d batches, %d tokens", stats.batches, stats.tokens)
+    return stats

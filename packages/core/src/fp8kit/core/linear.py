@@ -1,0 +1,131 @@
+"""`FP8Linear`: an `nn.Linear` replacement whose forward is `torch._scaled_mm`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import scaling
+from .config import QuantConfig
+
+__all__ = ["FP8Linear"]
+
+# Buffers whose dtype never changes with `model.to(dtype)` / `.half()`: float8 counts as a
+# floating type, so without this guard `.half()` would turn the FP8 weight into fp16.
+_FIXED_DTYPE_BUFFERS = ("weight", "weight_scale", "input_scale")
+
+
+class FP8Linear(nn.Module):
+    """y = x @ W.T + b with W stored in FP8 E4M3 and x quantized to FP8 on the fly.
+
+    Buffers:
+        weight: float8_e4m3fn [N, K] contiguous (N = out_features, K = in_features).
+        weight_scale: fp32 [] (per tensor) or [N, 1] (per channel); W ≈ weight * weight_scale.
+        input_scale: fp32 [] for static activations (from calibration), else None.
+    Parameter:
+        bias: [N] in the model's dtype, or None.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        weight_granularity: str = "tensor",
+        activation: str = "dynamic",
+        activation_granularity: str = "tensor",
+        use_fast_accum: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight_granularity = weight_granularity
+        self.activation = activation
+        self.activation_granularity = activation_granularity
+        self.use_fast_accum = use_fast_accum
+        scale_shape = (out_features, 1) if weight_granularity == "channel" else ()
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=scaling.FP8_DTYPE, device=device))
+        self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=torch.float32, device=device))
+        input_scale = torch.ones((), dtype=torch.float32, device=device) if activation == "static" else None
+        self.register_buffer("input_scale", input_scale)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, config: QuantConfig, input_scale: torch.Tensor | None = None
+    ) -> "FP8Linear":
+        """Quantize `linear`'s weight (on its device) per `config`; `input_scale` for static activations."""
+        weight_hp = linear.weight.detach()
+        new = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            weight_granularity=config.weight,
+            activation=config.activation,
+            activation_granularity=config.activation_granularity,
+            use_fast_accum=config.use_fast_accum,
+            device=weight_hp.device,
+            dtype=weight_hp.dtype,
+        )
+        if config.weight == "channel":
+            weight_scale = scaling.rowwise_scale(weight_hp)  # (N, 1)
+        else:
+            weight_scale = scaling.tensor_scale(weight_hp)  # ()
+        new.weight.copy_(scaling.quantize(weight_hp, weight_scale))
+        new.weight_scale.copy_(weight_scale)
+        if config.activation == "static":
+            if input_scale is None:
+                raise ValueError("FP8Linear.from_linear: static activations need an input_scale")
+            new.input_scale.copy_(input_scale.reshape(()))
+        if linear.bias is not None:
+            new.bias.data.copy_(linear.bias.detach())
+        return new
+
+    def input_scale_for(self, x2d: torch.Tensor) -> torch.Tensor:
+        """The activation scale used for the flattened input `x2d` [M, K]: [] or [M, 1]."""
+        if self.input_scale is not None:
+            return self.input_scale
+        if self.activation_granularity == "token":
+            return scaling.rowwise_scale(x2d)
+        return scaling.tensor_scale(x2d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(-1, self.in_features)  # (M, K), M = prod(leading dims)
+        x_scale = self.input_scale_for(x2d)
+        x_fp8 = scaling.quantize(x2d, x_scale)
+        out = scaling.fp8_matmul(
+            x_fp8,
+            self.weight,
+            x_scale,
+            self.weight_scale,
+            bias=self.bias,
+            out_dtype=x.dtype,
+            use_fast_accum=self.use_fast_accum,
+        )  # (M, N)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
+        kept = {name: self._buffers.pop(name) for name in _FIXED_DTYPE_BUFFERS if name in self._buffers}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, tensor in kept.items():
+                if tensor is not None:
+                    # Learn the target device from a probe: `fn` may also change dtype, which we refuse.
+                    device = fn(torch.empty(0, device=tensor.device)).device
+                    tensor = tensor.to(device)
+                self._buffers[name] = tensor
+        return self
+
+    def extra_repr(self) -> str:
+        act = f"{self.activation}-{self.activation_granularity}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"weight={self.weight_granularity}, activation={act}, use_fast_accum={self.use_fast_accum}"
+        )

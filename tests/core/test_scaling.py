@@ -1,0 +1,123 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fp8kit.core import scaling
+from fp8kit.core.scaling import FP8_MAX, dequantize, quantize, rowwise_scale, tensor_scale
+
+# Round-to-nearest with 3 mantissa bits: relative error <= 2^-4 for normals; values below the
+# smallest normal (2^-6 * scale) have an absolute error <= half a subnormal step (2^-10 * scale).
+REL_BOUND = 2.0**-4
+ABS_BOUND_STEPS = 2.0**-10
+
+
+def roundtrip_bound(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return REL_BOUND * x.abs() + ABS_BOUND_STEPS * scale
+
+
+def test_fp8_constants():
+    assert FP8_MAX == 448.0
+    assert scaling.FP8_DTYPE == torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_per_tensor_roundtrip_within_fp8_bound(dtype):
+    x = (torch.randn(64, 96, dtype=torch.float64) * 3).to(dtype)
+    scale = tensor_scale(x)
+    assert scale.dtype == torch.float32 and scale.shape == ()
+    assert scale.item() == pytest.approx(x.double().abs().max().item() / 448, rel=1e-6)
+    q = quantize(x, scale)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == x.shape
+    err = (dequantize(q, scale, torch.float64) - x.double()).abs()
+    assert (err <= roundtrip_bound(x.double(), scale.double())).all()
+
+
+def test_rowwise_scales_and_roundtrip():
+    x = torch.randn(16, 32, dtype=torch.float64) * torch.logspace(-3, 3, 16, dtype=torch.float64)[:, None]
+    scale = rowwise_scale(x)
+    assert scale.shape == (16, 1) and scale.dtype == torch.float32
+    torch.testing.assert_close(scale.double(), x.abs().amax(1, keepdim=True) / 448, rtol=1e-6, atol=0)
+    err = (dequantize(quantize(x, scale), scale, torch.float64) - x).abs()
+    assert (err <= roundtrip_bound(x, scale.double())).all()
+    # Each row's absmax maps exactly onto +-448.
+    assert (quantize(x, scale).float().abs().amax(1) == 448).all()
+
+
+def test_saturation_clamps_to_448():
+    scale = torch.tensor(1.0)
+    x = torch.tensor([1e6, -1e6, 448.0, 500.0, -460.0, float("inf"), float("-inf")])
+    q = quantize(x, scale).float()
+    assert q.tolist() == [448.0, -448.0, 448.0, 448.0, -448.0, 448.0, -448.0]
+
+
+def test_nan_stays_nan():
+    q = quantize(torch.tensor([float("nan"), 1.0]), torch.tensor(1.0))
+    assert torch.isnan(q.float()[0]) and q.float()[1] == 1.0
+
+
+def test_zero_tensor_gets_positive_scale_and_exact_zeros():
+    x = torch.zeros(4, 8)
+    for scale in (tensor_scale(x), rowwise_scale(x)):
+        assert (scale > 0).all()
+        assert (dequantize(quantize(x, scale), scale) == 0).all()
+
+
+@pytest.mark.parametrize("shape", [(0, 8), (0,), (4, 0)])
+def test_empty_tensors(shape):
+    x = torch.empty(shape)
+    s = tensor_scale(x)
+    assert s.shape == () and s > 0
+    assert quantize(x, s).shape == shape
+    if len(shape) == 2:
+        r = rowwise_scale(x)
+        assert r.shape == (shape[0], 1)
+        assert quantize(x, r).shape == shape
+
+
+def test_fp8_matmul_matches_float64_reference():
+    torch.manual_seed(0)
+    x, w, b = torch.randn(8, 32), torch.randn(48, 32), torch.randn(48)
+    for xs, ws in [(tensor_scale(x), tensor_scale(w)), (rowwise_scale(x), rowwise_scale(w)), (rowwise_scale(x), tensor_scale(w)), (tensor_scale(x), rowwise_scale(w))]:
+        xq, wq = quantize(x, xs), quantize(w, ws)
+        ref = dequantize(xq, xs, torch.float64) @ dequantize(wq, ws, torch.float64).T + b.double()
+        out = scaling.fp8_matmul(xq, wq, xs, ws, bias=b, out_dtype=torch.float32)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_matmul_empty_rows():
+    w = quantize(torch.randn(16, 16), torch.tensor(0.01))
+    out = scaling.fp8_matmul(torch.empty(0, 16, dtype=torch.float8_e4m3fn), w, torch.tensor(1.0), torch.tensor(1.0), out_dtype=torch.bfloat16)
+    assert out.shape == (0, 16) and out.dtype == torch.bfloat16
+
+
+finite = st.floats(min_value=-(2.0**127), max_value=2.0**127, allow_nan=False, allow_infinity=False, width=32)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(finite, min_size=1, max_size=64))
+def test_property_per_tensor_roundtrip(values):
+    x = torch.tensor(values, dtype=torch.float32)
+    scale = tensor_scale(x)
+    assert torch.isfinite(scale) and scale > 0
+    q = quantize(x, scale)
+    back = dequantize(q, scale, torch.float64)
+    assert not torch.isnan(back).any()
+    assert (q.float().abs() <= 448).all()
+    assert ((back - x.double()).abs() <= roundtrip_bound(x.double(), scale.double()) * (1 + 1e-6)).all()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 8), st.integers(1, 16), st.floats(1e-6, 1e6), st.data())
+def test_property_rowwise_shapes_and_saturation(rows, cols, magnitude, data):
+    x = torch.tensor(data.draw(st.lists(finite, min_size=rows * cols, max_size=rows * cols))).reshape(rows, cols)
+    x = x / (x.abs().max() + 1) * magnitude
+    scale = rowwise_scale(x)
+    assert scale.shape == (rows, 1) and (scale > 0).all()
+    q = quantize(x, scale)
+    assert q.shape == (rows, cols) and (q.float().abs() <= 448).all()
+    # Values beyond the scale's range saturate instead of overflowing to NaN.
+    assert (quantize(x * 1000, scale).float().abs() <= 448).all()
+    assert not math.isnan(dequantize(q, scale).sum().item())
