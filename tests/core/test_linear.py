@@ -5,32 +5,9 @@ import torch
 from torch import nn
 
 from fp8kit.core import FP8Linear, QuantConfig, scaling
-from fp8kit.core.scaling import dequantize, quantize, rowwise_scale, tensor_scale
+from fp8kit.core.scaling import tensor_scale
 
-SCHEMES = {
-    "dynamic-tensor/w-tensor": QuantConfig(),
-    "dynamic-tensor/w-channel": QuantConfig(weight="channel"),
-    "dynamic-token/w-tensor": QuantConfig(activation_granularity="token"),
-    "dynamic-token/w-channel": QuantConfig(weight="channel", activation_granularity="token"),
-    "static-tensor/w-tensor": QuantConfig(activation="static"),
-    "static-tensor/w-channel": QuantConfig(activation="static", weight="channel"),
-}
-
-
-def emulate(linear: nn.Linear, x: torch.Tensor, config: QuantConfig, input_scale: torch.Tensor | None) -> torch.Tensor:
-    """float64 emulation of the FP8 linear: quantize both operands as specified, multiply exactly."""
-    w = linear.weight.detach()
-    ws = rowwise_scale(w) if config.weight == "channel" else tensor_scale(w)
-    x2 = x.reshape(-1, x.shape[-1])
-    if config.activation == "static":
-        xs = input_scale
-    else:
-        xs = rowwise_scale(x2) if config.activation_granularity == "token" else tensor_scale(x2)
-    out = dequantize(quantize(x2, xs), xs, torch.float64) @ dequantize(quantize(w, ws), ws, torch.float64).T
-    if linear.bias is not None:
-        out = out + linear.bias.double()
-    return out.reshape(*x.shape[:-1], -1)
-
+from fp8_reference import SCHEMES, emulate
 
 @pytest.fixture
 def scaled_mm_calls(monkeypatch):
@@ -106,7 +83,7 @@ def test_fallback_computes_the_same_function_with_one_warning(monkeypatch, caplo
     linear = nn.Linear(64, 32)
     fp8 = FP8Linear.from_linear(linear, QuantConfig(weight="channel", activation_granularity="token"))
     x = torch.randn(6, 64)
-    expected = fp8(x)
+    expected = emulate(linear, x, QuantConfig(weight="channel", activation_granularity="token"), None).float()
 
     def rejecting(*args, **kwargs):
         raise RuntimeError("Invalid scaling configuration")

@@ -5,7 +5,7 @@ from torch import nn
 from fp8kit.core import CalibrationError, ConfigError, FP8Linear, ModelLoadError, QuantConfig, quantize
 from fp8kit.core.scaling import FP8_MAX
 
-from conftest import make_tiny_llama
+from tiny_models import make_tiny_llama
 
 
 def test_config_validation_errors():

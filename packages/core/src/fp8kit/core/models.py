@@ -61,6 +61,7 @@ def load_model(
     An fp8kit / AutoFP8 checkpoint directory comes back already quantized (`FP8Linear` layers).
     """
     import transformers
+    from safetensors import SafetensorError
 
     path = default_gguf_path() if str(spec) == DEFAULT_MODEL else Path(spec)
     if not path.exists():
@@ -91,5 +92,5 @@ def load_model(
         return model.eval(), _load_tokenizer(path)
     except (ModelLoadError, CheckpointError):
         raise
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise ModelLoadError(f"{path}: cannot load model: {exc}") from exc

@@ -133,9 +133,14 @@ def fp8_matmul(
     if scale_a.dim() or scale_b.dim():  # row-wise: scale_a [M,1], scale_b [1,N], both contiguous
         scale_a = scale_a.expand(m, 1).contiguous()
         scale_b = scale_b.reshape(1, -1).expand(1, n).contiguous()
+    gemm_dtype = out_dtype
+    if x_fp8.is_cuda and scale_a.dim() and out_dtype == torch.float16:
+        # Row-wise scaling with fp16 output came out with bf16-level error on H100 (torch 2.11):
+        # take fp32 from the GEMM and round once.
+        gemm_dtype = torch.float32
     # On CUDA a bias must be bf16/fp16 and is rejected with fp32 output: add it after the GEMM.
     fused_bias = bias
-    if bias is not None and x_fp8.is_cuda and (out_dtype == torch.float32 or bias.dtype != out_dtype):
+    if bias is not None and x_fp8.is_cuda and (gemm_dtype == torch.float32 or bias.dtype != gemm_dtype):
         fused_bias = None
     try:
         out = torch._scaled_mm(
@@ -144,7 +149,7 @@ def fp8_matmul(
             scale_a,
             scale_b,
             bias=fused_bias,
-            out_dtype=out_dtype,
+            out_dtype=gemm_dtype,
             use_fast_accum=use_fast_accum,
         )
     except RuntimeError as exc:
@@ -153,5 +158,5 @@ def fp8_matmul(
     if isinstance(out, tuple):  # torch < 2.5 returned (out, amax)
         out = out[0]
     if bias is not None and fused_bias is None:
-        out = (out.float() + bias.float()).to(out_dtype)
-    return out
+        out = out.float() + bias.float()
+    return out.to(out_dtype)

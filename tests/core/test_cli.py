@@ -1,0 +1,113 @@
+"""`python -m fp8kit.core`: exit codes, messages, nothing left behind on failure."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fp8kit.core import load_quantized
+
+from tiny_models import tiny_text
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "fp8kit.core", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def test_dynamic_quantize_and_summary(tiny_llama_dir, tmp_path):
+    out = tmp_path / "out"
+    result = cli(tiny_llama_dir, out)
+    assert result.returncode == 0, result.stderr
+    assert "quantized 14 layers, kept 1 in high precision" in result.stdout
+    assert "lm_head: ignored by config" in result.stdout
+    assert "model bytes:" in result.stdout
+    model = load_quantized(out)
+    assert model.fp8kit_config.activation == "dynamic" and len(model.fp8kit_report.quantized) == 14
+    assert (out / "tokenizer.json").exists()
+
+
+def test_static_with_calibration_file_and_kv(tiny_llama_dir, tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text(tiny_text(400) + "\n\n" + tiny_text(300, seed=1))
+    out = tmp_path / "out"
+    result = cli(tiny_llama_dir, out, "--activation", "static", "--kv-cache", "--calibration-file", text, "--num-samples", 4, "--seq-len", 64)
+    assert result.returncode == 0, result.stderr
+    assert "KV-cache scales for 2 attention layers" in result.stdout
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["activation_scheme"] == "static" and qc["kv_cache_scheme"] == "static"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--activation", "static", "--activation-granularity", "token"], "activation_granularity='token' needs activation='dynamic'"),
+        (["--weight", "channel"], "--weight channel cannot be saved in the AutoFP8 / vLLM 'fp8' checkpoint format"),
+        (["--activation", "static", "--num-samples", "0"], "--num-samples (0) and --seq-len (512) must be positive"),
+        (["--ignore", "re:.*"], "no layer could be quantized"),
+    ],
+)
+def test_bad_options(tiny_llama_dir, tmp_path, args, message):
+    out = tmp_path / "out"
+    result = cli(tiny_llama_dir, out, *args)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["tiny-llama"]
+
+
+def test_unknown_scheme_is_an_argparse_error(tiny_llama_dir, tmp_path):
+    result = cli(tiny_llama_dir, tmp_path / "out", "--activation", "smart")
+    assert result.returncode == 2 and "invalid choice: 'smart'" in result.stderr
+
+
+def test_empty_calibration_file(tiny_llama_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n  \n")
+    result = cli(tiny_llama_dir, tmp_path / "out", "--activation", "static", "--calibration-file", empty)
+    assert result.returncode == 2 and f"{empty}: calibration file is empty" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_model_path(tmp_path):
+    result = cli(tmp_path / "nope", tmp_path / "out")
+    assert result.returncode == 2 and f"{tmp_path / 'nope'}: no such model file or directory" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_weight_is_named_and_nothing_written(tiny_llama_dir, tmp_path):
+    file = tiny_llama_dir / "model.safetensors"
+    tensors = load_file(str(file))
+    tensors["model.layers.1.self_attn.o_proj.weight"][0, 0] = float("inf")
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    result = cli(tiny_llama_dir, tmp_path / "out")
+    assert result.returncode == 2
+    assert "layer model.layers.1.self_attn.o_proj: weight (64, 64) contains NaN or Inf" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_pickle_only_model_directory_is_refused(tiny_llama_dir, tmp_path):
+    tensors = load_file(str(tiny_llama_dir / "model.safetensors"))
+    (tiny_llama_dir / "model.safetensors").unlink()
+    torch.save(tensors, tiny_llama_dir / "pytorch_model.bin")
+    result = cli(tiny_llama_dir, tmp_path / "out")
+    assert result.returncode == 2 and "no .safetensors weights (fp8kit never loads pickled" in result.stderr
+
+
+def test_non_empty_out_dir_needs_overwrite(tiny_llama_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("keep")
+    result = cli(tiny_llama_dir, out)
+    assert result.returncode == 2 and "pass --overwrite" in result.stderr
+    assert (out / "old.txt").read_text() == "keep"
+    assert cli(tiny_llama_dir, out, "--overwrite").returncode == 0
+    assert not (out / "old.txt").exists()
+
+
+def test_truncated_model_weights_are_a_clear_error(tiny_llama_dir, tmp_path):
+    file = tiny_llama_dir / "model.safetensors"
+    file.write_bytes(file.read_bytes()[:500])
+    result = cli(tiny_llama_dir, tmp_path / "out")
+    assert result.returncode == 2 and "cannot load model" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,31 @@
+"""float64 emulation of FP8 linears, and the schemes tests cover."""
+
+import torch
+from torch import nn
+
+from fp8kit.core import QuantConfig
+from fp8kit.core.scaling import dequantize, quantize, rowwise_scale, tensor_scale
+
+SCHEMES = {
+    "dynamic-tensor/w-tensor": QuantConfig(),
+    "dynamic-tensor/w-channel": QuantConfig(weight="channel"),
+    "dynamic-token/w-tensor": QuantConfig(activation_granularity="token"),
+    "dynamic-token/w-channel": QuantConfig(weight="channel", activation_granularity="token"),
+    "static-tensor/w-tensor": QuantConfig(activation="static"),
+    "static-tensor/w-channel": QuantConfig(activation="static", weight="channel"),
+}
+
+
+def emulate(linear: nn.Linear, x: torch.Tensor, config: QuantConfig, input_scale: torch.Tensor | None) -> torch.Tensor:
+    """float64 emulation of the FP8 linear: quantize both operands as specified, multiply exactly."""
+    w = linear.weight.detach()
+    ws = rowwise_scale(w) if config.weight == "channel" else tensor_scale(w)
+    x2 = x.reshape(-1, x.shape[-1])
+    if config.activation == "static":
+        xs = input_scale
+    else:
+        xs = rowwise_scale(x2) if config.activation_granularity == "token" else tensor_scale(x2)
+    out = dequantize(quantize(x2, xs), xs, torch.float64) @ dequantize(quantize(w, ws), ws, torch.float64).T
+    if linear.bias is not None:
+        out = out + linear.bias.double()
+    return out.reshape(*x.shape[:-1], -1)
