@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .analysis import layer_errors
 from .checkpoint import load_quantized, save_quantized
 from .config import QuantConfig
 from .data import calibration_batches, default_texts, perplexity, python_version
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("out"), help="directory for the FP8 checkpoint (default ./out)")
     parser.add_argument("--num-samples", type=int, default=32, help="calibration windows of --seq-len tokens")
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--analyze", action="store_true", help="also print per-layer FP8 error (SQNR) of the best scheme")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.manual_seed(0)
@@ -71,7 +73,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"|{'-' * 47}|{'-' * 12}|{'-' * 10}|")
     for name, ppl in rows:
         print(f"| {name:<45} | {ppl:>10.4f} | {100 * (ppl / base_ppl - 1):>+7.2f}% |")
+    if args.analyze:
+        print_layer_errors(original, calibration[0])
     return 0
+
+
+def print_layer_errors(model: torch.nn.Module, batch: dict) -> None:
+    """Per-layer SQNR of dynamic per-token / per-channel FP8, worst layers and means per projection."""
+    errors = layer_errors(model, QuantConfig(weight="channel", activation_granularity="token"), batch)
+    print("\nPer-layer output SQNR in dB (higher is better), dynamic per-token + per-channel, one 512-token batch:")
+    print("| layer | total | weight only | activation only |\n|---|---|---|---|")
+    for e in errors[:10]:
+        print(f"| {e.name} | {e.total_db:.1f} | {e.weight_only_db:.1f} | {e.activation_only_db:.1f} |")
+    by_kind: dict[str, list] = {}
+    for e in errors:
+        by_kind.setdefault(e.name.rsplit(".", 1)[-1], []).append(e)
+    print("| mean per projection | total | weight only | activation only |\n|---|---|---|---|")
+    for kind, group in sorted(by_kind.items(), key=lambda kv: sum(e.total_db for e in kv[1]) / len(kv[1])):
+        mean = lambda field: sum(getattr(e, field) for e in group) / len(group)  # noqa: E731
+        print(f"| {kind} ({len(group)}) | {mean('total_db'):.1f} | {mean('weight_only_db'):.1f} | {mean('activation_only_db'):.1f} |")
 
 
 if __name__ == "__main__":
