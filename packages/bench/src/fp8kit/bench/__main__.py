@@ -1,0 +1,168 @@
+"""``python -m fp8kit.bench``: run a benchmark grid and write report.csv, report.md and PNG plots.
+
+With no options it picks a preset from the machine: on a GPU the Llama-3-8B layer grid
+(M in 1..8192) over every FP8 scheme, eager and compiled; on a CPU a small grid that finishes
+in under 2 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from fp8kit.core.errors import ConfigError
+
+from .backends import BACKEND_PRESETS, parse_backends
+from .report import write_report
+from .runner import default_dtype, run_benchmarks
+from .timing import TimingConfig
+from .workloads import M_PRESETS, SHAPE_PRESETS, ModelWorkload, linear_grid, parse_m_values
+
+__all__ = ["main", "build_parser"]
+
+logger = logging.getLogger("fp8kit.bench")
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fp8kit.bench",
+        description="Latency and accuracy of FP8 linears and models: eager torch vs torch._scaled_mm vs TensorRT.",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="whole-model prefill workload: 'default' (embedded SmolLM2-135M), a Hugging Face directory, "
+        "or 'smollm2-arch' (SmolLM2-135M architecture, random weights); none by default",
+    )
+    parser.add_argument(
+        "--shapes",
+        default=None,
+        help=f"linear shapes: presets ({', '.join(SHAPE_PRESETS)}) and/or MxNxK entries, comma-separated, "
+        "or 'none'; default llama3-8b on GPU, cpu-small on CPU",
+    )
+    parser.add_argument("--m", default=None, help="M values for preset shapes, e.g. 1,16,128 (default: gpu or cpu preset)")
+    parser.add_argument(
+        "--backends",
+        default=None,
+        help=f"backend ids and/or presets ({', '.join(BACKEND_PRESETS)}), comma-separated; default gpu or cpu preset",
+    )
+    parser.add_argument("--baseline", default=None, help="backend id for speedup (default: the first torch-* backend)")
+    parser.add_argument("--out", default="out/bench", help="output directory (default: out/bench)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="high-precision dtype (bf16 GPU / fp32 CPU)")
+    parser.add_argument("--batch", default="1", help="model workload batch sizes, e.g. 1,8 (default 1)")
+    parser.add_argument("--seq-len", default="512", help="model workload sequence lengths, e.g. 512,2048 (default 512)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (default 5; 2 on CPU)")
+    parser.add_argument("--min-runs", type=int, default=None, help="fewest timed calls (default 10; 5 on CPU)")
+    parser.add_argument("--max-runs", type=int, default=200, help="most timed calls (default 200)")
+    parser.add_argument("--budget-ms", type=float, default=None, help="time per row past min-runs (default 200; 100 on CPU)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (torch.set_num_threads); default: torch's choice"
+    )
+    parser.add_argument("--no-perplexity", action="store_true", help="skip perplexity of real-weight models")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    return parser
+
+
+def _device(text: str | None) -> torch.device:
+    if text is None:
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError as exc:
+        raise ConfigError(f"--device: {text!r} is not a device ({exc}); use cpu, cuda or cuda:N") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {text}: no CUDA GPU is visible; use --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", 0)
+        if device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif device.type != "cpu":
+        raise ConfigError(f"--device {text}: only cpu and cuda are supported")
+    return device
+
+
+def _positive_ints(text: str, option: str) -> list[int]:
+    values = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item.isdigit() or int(item) < 1:
+            raise ConfigError(f"{option}: {item!r} is not a positive integer; give e.g. {option} 1,8")
+        values.append(int(item))
+    return values
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        device = _device(args.device)
+        gpu = device.type == "cuda"
+        dtype = _DTYPES[args.dtype] if args.dtype else default_dtype(device)
+        shapes = args.shapes if args.shapes is not None else ("llama3-8b" if gpu else "cpu-small")
+        m_values = parse_m_values(args.m) if args.m else M_PRESETS["gpu" if gpu else "cpu"]
+        backends = parse_backends(args.backends or ("gpu" if gpu else "cpu"))
+        if args.baseline and args.baseline not in {b.id for b in backends}:
+            raise ConfigError(f"--baseline {args.baseline!r} is not among --backends ({', '.join(b.id for b in backends)})")
+        workloads: list = [] if shapes.strip().lower() == "none" else linear_grid(shapes, m_values)
+        if args.model:
+            batches = _positive_ints(args.batch, "--batch")
+            seq_lens = _positive_ints(args.seq_len, "--seq-len")
+            workloads += [ModelWorkload(args.model, b, s) for b in batches for s in seq_lens]
+        if not workloads:
+            raise ConfigError("nothing to run: --shapes none and no --model")
+        if args.threads is not None and args.threads < 1:
+            raise ConfigError(f"--threads {args.threads}: give a positive number of threads")
+        timing = TimingConfig(
+            warmup=args.warmup if args.warmup is not None else (5 if gpu else 2),
+            min_runs=args.min_runs if args.min_runs is not None else (10 if gpu else 5),
+            max_runs=max(args.max_runs, args.min_runs or 1),
+            budget_ms=args.budget_ms if args.budget_ms is not None else (200.0 if gpu else 100.0),
+        )
+    except (ConfigError, ValueError) as exc:
+        parser.error(str(exc))  # exits with status 2, usage + message on stderr, no traceback
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    texts = None
+    if args.model and not args.no_perplexity:
+        try:
+            from fp8kit.core.data import default_texts
+
+            texts = default_texts()[1]
+        except Exception:  # noqa: BLE001 - perplexity is optional
+            logger.warning("fp8kit.core.data.default_texts unavailable: no perplexity column", exc_info=True)
+
+    logger.info(
+        "running %d workloads x %d backends on %s (%s)", len(workloads), len(backends), device, str(dtype).split(".")[-1]
+    )
+    frame = run_benchmarks(
+        workloads,
+        backends,
+        device=device,
+        dtype=dtype,
+        timing=timing,
+        baseline=args.baseline,
+        perplexity_texts=texts,
+        progress=not args.quiet,
+    )
+    command = "python -m fp8kit.bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    written = write_report(frame, args.out, command=command.strip())
+    ok = int((frame["status"] == "ok").sum())
+    print(f"{ok}/{len(frame)} rows ran; report: {written['markdown']} {written['csv']} (+{len(written['plots'])} plots)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,440 @@
+"""The report DataFrame (schema), its writers (CSV, Markdown, PNG plots), the environment header,
+and the conversion of pytest-benchmark JSON into the same DataFrame."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import math
+import platform
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+__all__ = [
+    "COLUMNS",
+    "EXTRA_COLUMNS",
+    "make_frame",
+    "add_speedup",
+    "speedup_pivot",
+    "environment_info",
+    "write_csv",
+    "read_csv",
+    "to_markdown",
+    "write_markdown",
+    "write_plots",
+    "write_report",
+    "from_pytest_benchmark_json",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Columns every report row has, in order (M, N, K numeric; status "ok" or why the row did not run).
+COLUMNS: tuple[str, ...] = (
+    "workload",
+    "backend",
+    "dtype",
+    "M",
+    "N",
+    "K",
+    "runs",
+    "latency_ms_median",
+    "latency_ms_p90",
+    "latency_ms_p99",
+    "latency_ms_mean",
+    "latency_ms_std",
+    "tflops",
+    "gbps",
+    "speedup_vs_baseline",
+    "rel_error",
+    "sqnr_db",
+    "peak_mem_mb",
+    "weight_bytes",
+    "status",
+)
+
+#: Further columns, after COLUMNS: context, setup costs, LM accuracy.
+EXTRA_COLUMNS: tuple[str, ...] = (
+    "shape",
+    "device",
+    "compiled",
+    "weight_copies",
+    "setup_s",
+    "first_call_s",
+    "top1_agreement",
+    "perplexity",
+    "ppl_tokens",
+)
+
+_INT_COLUMNS = ("M", "N", "K", "runs", "weight_bytes", "weight_copies", "ppl_tokens")
+_STR_COLUMNS = ("workload", "backend", "dtype", "status", "shape", "device")
+_BOOL_COLUMNS = ("compiled",)
+
+
+def make_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """Rows (dicts) -> DataFrame with COLUMNS then EXTRA_COLUMNS (then any others), typed.
+
+    Integer columns are nullable `Int64` (<NA> where a row has no value, e.g. N/K of a model row),
+    float columns float64 (NaN where not measured), text columns `object` strings.
+    """
+    frame = pd.DataFrame(list(rows))
+    for column in COLUMNS + EXTRA_COLUMNS:
+        if column not in frame.columns:
+            frame[column] = None
+    others = [c for c in frame.columns if c not in COLUMNS + EXTRA_COLUMNS]
+    frame = frame[list(COLUMNS + EXTRA_COLUMNS) + others]
+    return _apply_dtypes(frame)
+
+
+def _apply_dtypes(frame: pd.DataFrame) -> pd.DataFrame:
+    frame = frame.copy()
+    for column in frame.columns:
+        if column in _INT_COLUMNS:
+            frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("Int64")
+        elif column in _STR_COLUMNS:
+            frame[column] = frame[column].astype(object).where(frame[column].notna(), "")
+            frame[column] = frame[column].astype(str).astype(object)
+        elif column in _BOOL_COLUMNS:
+            frame[column] = frame[column].map(lambda v: bool(v) if v is not None and v == v else False).astype(bool)
+        else:
+            frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("float64")
+    return frame
+
+
+def environment_info() -> dict[str, str]:
+    """GPU name, driver, torch / CUDA / TensorRT / ONNX Runtime versions, host, date (UTC)."""
+    import importlib.metadata as md
+
+    import torch
+
+    info: dict[str, str] = {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda or "none",
+        "platform": platform.platform(),
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = f"{props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs)"
+        info["driver"] = _nvidia_driver()
+    else:
+        info["gpu"] = "none (CPU run)"
+        info["cpu"] = platform.processor() or platform.machine()
+    for label, dist in (("tensorrt", "tensorrt"), ("onnxruntime", "onnxruntime"), ("transformers", "transformers")):
+        try:
+            info[label] = md.version(dist)
+        except md.PackageNotFoundError:
+            info[label] = "not installed"
+    return info
+
+
+def _nvidia_driver() -> str:
+    try:
+        import subprocess
+
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        return out.stdout.strip().splitlines()[0]
+    except Exception:  # noqa: BLE001 - informational only
+        return "unknown"
+
+
+def write_csv(frame: pd.DataFrame, path: str | Path) -> Path:
+    """Write the report as CSV (no index; NaN / <NA> as empty fields)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(path, index=False)
+    return path
+
+
+def read_csv(path: str | Path) -> pd.DataFrame:
+    """Read a report CSV back with the report's dtypes (the inverse of `write_csv`)."""
+    frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    missing = [c for c in COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: not an fp8kit.bench report, missing columns {missing}")
+    return _apply_dtypes(frame)
+
+
+def _fmt(value: Any, column: str) -> str:
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        if column == "speedup_vs_baseline":
+            return f"{value:.2f}x" if value >= 0.1 else f"{value:.3g}x"
+        if column == "rel_error":
+            return f"{value:.2e}"
+        if column.startswith("latency_ms"):
+            return f"{value:.4f}" if value < 1 else f"{value:.3f}"
+        return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(frame: pd.DataFrame, columns: Iterable[str] | None = None) -> str:
+    """A GitHub Markdown table of `frame` (all COLUMNS by default)."""
+    cols = [c for c in (columns or COLUMNS) if c in frame.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for record in frame[cols].itertuples(index=False):
+        lines.append("| " + " | ".join(_fmt(v, c) for v, c in zip(record, cols)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+_SUMMARY_COLUMNS = (
+    "workload",
+    "backend",
+    "M",
+    "N",
+    "K",
+    "latency_ms_median",
+    "latency_ms_p90",
+    "tflops",
+    "gbps",
+    "speedup_vs_baseline",
+    "sqnr_db",
+    "rel_error",
+    "top1_agreement",
+    "perplexity",
+    "status",
+)
+
+
+def write_markdown(
+    frame: pd.DataFrame, path: str | Path, *, env: Mapping[str, str] | None = None, title: str = "fp8kit.bench report",
+    command: str | None = None,
+) -> Path:
+    """Write `report.md`: environment header, the speedup pivot per shape, then every row.
+
+    Rows that did not run are listed with their reason; speedups below 1.00x (FP8 slower than the
+    baseline) are marked in bold.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(env) if env is not None else environment_info()
+    parts = [f"# {title}\n"]
+    parts.append("| environment | value |\n|---|---|\n" + "".join(f"| {k} | {_fmt(v, k)} |\n" for k, v in env.items()))
+    if command:
+        parts.append(f"Reproduce: `{command}`\n")
+    baseline = frame.attrs.get("baseline")
+    if baseline:
+        parts.append(
+            f"Speedup is `{baseline}` median latency / the backend's median latency, measured in the same run; "
+            "**bold** marks rows where the backend is slower than the baseline.\n"
+        )
+    pivot = speedup_pivot(frame)
+    if not pivot.empty:
+        parts.append("## Speedup vs baseline (median latency)\n")
+        parts.append(_pivot_markdown(pivot))
+    not_run = frame[frame["status"] != "ok"]
+    if not not_run.empty:
+        reasons = not_run.groupby(["backend", "status"]).size().reset_index(name="rows")
+        parts.append("## Rows that did not run\n")
+        parts.append(to_markdown(reasons, ["backend", "status", "rows"]))
+    parts.append("## All rows\n")
+    cols = [c for c in _SUMMARY_COLUMNS if c in frame.columns and (c in COLUMNS or frame[c].notna().any())]
+    parts.append(to_markdown(frame, cols))
+    path.write_text("\n".join(parts))
+    return path
+
+
+def speedup_pivot(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows (workload, N, K, M) x columns backend -> speedup_vs_baseline, for rows that ran."""
+    ok = frame[(frame["status"] == "ok") & frame["speedup_vs_baseline"].notna()]
+    if ok.empty:
+        return pd.DataFrame()
+    ok = ok.assign(N=ok["N"].astype("float64"), K=ok["K"].astype("float64"), M=ok["M"].astype("int64"))
+    pivot = ok.set_index(["workload", "N", "K", "M", "backend"])["speedup_vs_baseline"]
+    pivot = pivot[~pivot.index.duplicated()].unstack("backend")
+    order = [b for b in dict.fromkeys(frame["backend"]) if b in pivot.columns]
+    return pivot[order]
+
+
+def _pivot_markdown(pivot: pd.DataFrame) -> str:
+    head = ["workload", "N", "K", "M"] + list(pivot.columns)
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for (workload, n, k, m), values in pivot.iterrows():
+        cells = [str(workload), _int_or_blank(n), _int_or_blank(k), _int_or_blank(m)]
+        for v in values:
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                cells.append("")
+            else:
+                text = f"{v:.2f}x" if v >= 0.1 else f"{v:.3g}x"
+                cells.append(f"**{text}**" if v < 1 else text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _int_or_blank(value: Any) -> str:
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(int(value))
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
+
+
+def write_plots(frame: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """PNG plots: speedup vs M per (N, K) shape (one file per shape, one line per backend), and
+    accuracy (SQNR in dB, median over M) per backend. Returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    ok = frame[(frame["status"] == "ok")]
+    linear = ok[ok["workload"].str.startswith("linear:") & ok["speedup_vs_baseline"].notna()]
+    backends = list(dict.fromkeys(frame["backend"]))
+    colors = plt.get_cmap("tab20").colors
+    for (n, k), shape_rows in linear.groupby(["N", "K"]):
+        fig, ax = plt.subplots(figsize=(10, 5))
+        for backend, rows in shape_rows.groupby("backend", sort=False):
+            rows = rows.sort_values("M")
+            style = ":" if backend.endswith("-graph") else ("--" if "-compiled" in backend else "-")
+            ax.plot(
+                rows["M"].astype(float),
+                rows["speedup_vs_baseline"],
+                marker="o",
+                markersize=4,
+                linestyle=style,
+                color=colors[backends.index(backend) % len(colors)],
+                label=backend,
+            )
+        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("M (rows of activation)")
+        ax.set_ylabel(f"speedup vs {frame.attrs.get('baseline', 'baseline')} (median latency)")
+        names = ", ".join(sorted(set(shape_rows["workload"].str.removeprefix("linear:"))))
+        ax.set_title(f"N x K = {n} x {k} ({names})", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="solid eager, dashed compiled, dotted CUDA graph", title_fontsize=7)
+        fig.tight_layout()
+        path = out_dir / f"speedup_{int(n)}x{int(k)}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    acc = ok[ok["sqnr_db"].notna() & ok["sqnr_db"].apply(lambda v: math.isfinite(v))]
+    if not acc.empty:
+        per_backend = acc.groupby(["backend", acc["workload"].str.startswith("model:")])["sqnr_db"].median().unstack()
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        per_backend = per_backend.rename(columns={False: "linear layers", True: "whole model (logits)"})
+        per_backend.plot.barh(ax=ax)
+        ax.set_xlabel("SQNR vs float64 / fp32 reference (dB, median over shapes; higher is better)")
+        ax.set_ylabel("")
+        ax.grid(True, axis="x", alpha=0.3)
+        fig.tight_layout()
+        path = out_dir / "accuracy_sqnr.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_report(
+    frame: pd.DataFrame, out_dir: str | Path, *, env: Mapping[str, str] | None = None, command: str | None = None,
+    title: str = "fp8kit.bench report",
+) -> dict[str, Path | list[Path]]:
+    """report.csv, report.md, env.json and the PNG plots under `out_dir`."""
+    out_dir = Path(out_dir)
+    env = dict(env) if env is not None else environment_info()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "env.json").write_text(json.dumps({**env, "command": command or ""}, indent=2) + "\n")
+    return {
+        "csv": write_csv(frame, out_dir / "report.csv"),
+        "markdown": write_markdown(frame, out_dir / "report.md", env=env, command=command, title=title),
+        "plots": write_plots(frame, out_dir),
+    }
+
+
+def from_pytest_benchmark_json(source: str | Path | Mapping[str, Any]) -> pd.DataFrame:
+    """pytest-benchmark's `--benchmark-json` output -> the report DataFrame.
+
+    Each benchmark's `extra_info` supplies workload, backend, dtype, M, N, K, tflops, rel_error,
+    sqnr_db, ... (as the fp8kit suite in tests/benchmarks records them); `stats` supplies the
+    latencies (seconds in the JSON, ms here). p90 / p99 come from the raw `data` when the run kept
+    it (`--benchmark-save-data`), else NaN. Speedup is computed against the `torch-*` backend of
+    the same shape, when the JSON has one.
+    """
+    if isinstance(source, Mapping):
+        doc = source
+    else:
+        doc = json.loads(Path(source).read_text())
+    if "benchmarks" not in doc:
+        raise ValueError("not a pytest-benchmark JSON document: no 'benchmarks' key")
+    import numpy as np
+
+    rows: list[dict[str, Any]] = []
+    for bench in doc["benchmarks"]:
+        stats = bench.get("stats") or {}
+        extra = dict(bench.get("extra_info") or {})
+        data = stats.get("data")
+        row: dict[str, Any] = {
+            "workload": extra.pop("workload", bench.get("group") or bench.get("name", "")),
+            "backend": extra.pop("backend", bench.get("name", "")),
+            "runs": stats.get("rounds"),
+            "latency_ms_median": _s_to_ms(stats.get("median")),
+            "latency_ms_mean": _s_to_ms(stats.get("mean")),
+            "latency_ms_std": _s_to_ms(stats.get("stddev")),
+            "latency_ms_p90": _s_to_ms(float(np.percentile(data, 90))) if data else float("nan"),
+            "latency_ms_p99": _s_to_ms(float(np.percentile(data, 99))) if data else float("nan"),
+            "status": extra.pop("status", "ok"),
+            "pytest_name": bench.get("fullname", bench.get("name", "")),
+        }
+        m, n, k = extra.get("M"), extra.get("N"), extra.get("K")
+        flops = extra.pop("flops", None)
+        if flops is None and None not in (m, n, k):
+            flops = 2 * int(m) * int(n) * int(k)
+        for key, value in extra.items():
+            row.setdefault(key, value)
+        if row.get("tflops") is None and flops is not None:
+            row["tflops"] = flops / (row["latency_ms_median"] * 1e-3) / 1e12 if row["latency_ms_median"] else float("nan")
+        rows.append(row)
+    frame = make_frame(rows)
+    baseline = next((b for b in frame["backend"] if str(b).startswith("torch-")), None)
+    return add_speedup(frame, baseline)
+
+
+def _s_to_ms(value: Any) -> float:
+    return float(value) * 1e3 if value is not None else float("nan")
+
+
+def add_speedup(frame: pd.DataFrame, baseline: str | None) -> pd.DataFrame:
+    """speedup_vs_baseline = baseline median / row median within the same (workload, M, N, K, device).
+
+    Rows computed on another device than the baseline (ort-cpu in a GPU run) get NaN.
+
+    Rows of CUDA-graph-timed backends (ids ending in "-graph") compare with `<baseline>-graph`
+    when the frame has it, so both sides are timed the same way.
+    """
+    frame["speedup_vs_baseline"] = float("nan")
+    if baseline is None or frame.empty:
+        return frame
+    if "device" not in frame.columns:
+        frame["device"] = ""
+    keys = ["workload", "M", "N", "K", "device"]
+    graph_baseline = f"{baseline}-graph"
+    has_graph_baseline = bool((frame["backend"] == graph_baseline).any())
+    ref_backend = frame["backend"].map(
+        lambda b: graph_baseline if has_graph_baseline and str(b).endswith("-graph") else baseline
+    )
+    base = frame[(frame["status"] == "ok")][keys + ["backend", "latency_ms_median"]]
+    base = base.rename(columns={"latency_ms_median": "_baseline_ms", "backend": "_ref_backend"})
+    merged = frame[keys].assign(_ref_backend=ref_backend.to_numpy()).merge(base, on=keys + ["_ref_backend"], how="left")
+    frame["speedup_vs_baseline"] = (merged["_baseline_ms"].to_numpy() / frame["latency_ms_median"].to_numpy())
+    frame.attrs["baseline"] = baseline
+    return frame

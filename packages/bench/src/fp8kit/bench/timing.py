@@ -1,0 +1,157 @@
+"""Timers: CUDA events on GPU, `time.perf_counter` on CPU; warm-up first, then many timed calls.
+
+Each timed call is one sample, so the report can give a median and tail percentiles. On GPU the
+events bracket each call on the stream (launch gaps included: that is what eager users see), and
+all events are read after one final synchronize, so timing adds no host-device round trip.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["TimingConfig", "time_calls", "time_cuda_graph", "peak_memory_mb", "reset_peak_memory"]
+
+
+@dataclass(frozen=True)
+class TimingConfig:
+    """How long to time one (workload, backend) pair.
+
+    warmup: untimed calls first (module loading, cuBLAS handle / autotuning, allocator growth).
+    min_runs / max_runs: bounds on the number of timed calls.
+    budget_ms: stop adding runs past `min_runs` once the timed calls have used this much time.
+    """
+
+    warmup: int = 5
+    min_runs: int = 10
+    max_runs: int = 200
+    budget_ms: float = 200.0
+
+    def __post_init__(self) -> None:
+        if self.warmup < 0 or self.min_runs < 1 or self.max_runs < self.min_runs or self.budget_ms <= 0:
+            raise ValueError(
+                f"TimingConfig: need warmup >= 0, 1 <= min_runs <= max_runs and budget_ms > 0; got {self}"
+            )
+
+
+def time_calls(
+    fns: Sequence[Callable[[], Any]],
+    device: torch.device | str,
+    config: TimingConfig = TimingConfig(),  # noqa: B008 - frozen, immutable default
+) -> list[float]:
+    """Per-call latencies in ms of calling `fns` round-robin (one call = one sample).
+
+    Several `fns` rotate through distinct weights so that small-M GEMMs read them from HBM rather
+    than from L2 (REFERENCE section 6); pass a one-element list when rotation is not needed.
+    """
+    if not fns:
+        raise ValueError("time_calls: no callables given")
+    device = torch.device(device)
+    cycle = itertools.cycle(fns)
+    for _ in range(config.warmup):
+        next(cycle)()
+    if device.type == "cuda":
+        return _time_cuda(cycle, device, config)
+    return _time_host(cycle, config)
+
+
+def _time_host(cycle: itertools.cycle, config: TimingConfig) -> list[float]:
+    times: list[float] = []
+    total = 0.0
+    while len(times) < config.max_runs and (len(times) < config.min_runs or total < config.budget_ms):
+        fn = next(cycle)
+        start = time.perf_counter()
+        fn()
+        elapsed = (time.perf_counter() - start) * 1e3
+        times.append(elapsed)
+        total += elapsed
+    return times
+
+
+def _time_cuda(cycle: itertools.cycle, device: torch.device, config: TimingConfig) -> list[float]:
+    stream = torch.cuda.current_stream(device)
+    torch.cuda.synchronize(device)
+    # Probe a few calls to size the run count within the budget, then time them all in one go.
+    probe = max(1, min(config.min_runs, 5))
+    start = time.perf_counter()
+    for _ in range(probe):
+        next(cycle)()
+    torch.cuda.synchronize(device)
+    per_call_ms = (time.perf_counter() - start) * 1e3 / probe
+    runs = int(min(config.max_runs, max(config.min_runs, config.budget_ms / max(per_call_ms, 1e-3))))
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(runs)]
+    for begin, end in events:
+        fn = next(cycle)
+        begin.record(stream)
+        fn()
+        end.record(stream)
+    torch.cuda.synchronize(device)
+    return [begin.elapsed_time(end) for begin, end in events]
+
+
+def time_cuda_graph(
+    fns: Sequence[Callable[[], Any]],
+    device: torch.device | str,
+    config: TimingConfig = TimingConfig(),  # noqa: B008
+) -> list[float]:
+    """Per-call latencies in ms from CUDA-graph replay: one graph calls every fn once (each on its
+    own weight), each replay is timed with an event pair and counts as len(fns) calls.
+
+    Graph replay removes the host's launch overhead, so this measures the kernels themselves (what
+    a serving engine that captures graphs sees); `time_calls` measures eager launches.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"time_cuda_graph: CUDA graphs need a CUDA device, got {device}")
+    if not fns:
+        raise ValueError("time_cuda_graph: no callables given")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up on a side stream, as graph capture requires
+        for _ in range(max(1, config.warmup)):
+            for fn in fns:
+                fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    graph.replay()
+    torch.cuda.synchronize(device)
+    per_replay_ms = (time.perf_counter() - start) * 1e3
+    replays = int(min(config.max_runs, max(config.min_runs, config.budget_ms / max(per_replay_ms, 1e-3))))
+    stream = torch.cuda.current_stream(device)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(replays)]
+    for begin, end in events:
+        begin.record(stream)
+        graph.replay()
+        end.record(stream)
+    torch.cuda.synchronize(device)
+    del graph
+    return [begin.elapsed_time(end) / len(fns) for begin, end in events]
+
+
+def reset_peak_memory(device: torch.device | str) -> None:
+    """Reset the CUDA allocator's peak counter (no-op on CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device | str) -> float:
+    """Peak CUDA memory allocated since the last reset, in MiB; NaN on CPU (not tracked)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return float("nan")
