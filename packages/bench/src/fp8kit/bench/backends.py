@@ -410,14 +410,9 @@ class TensorRTBackend(Backend):
         path = Path(self._tmp.name) / f"linear_{n}x{k}.onnx"
         _export_static_linear(weight_hp, calib_x, dtype, path)
 
-        trt_logger = trt.Logger(trt.Logger.WARNING)
-        builder = trt.Builder(trt_logger)
-        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-        network = builder.create_network(flags)
-        parser = trt.OnnxParser(network, trt_logger)
-        if not parser.parse_from_file(str(path)):
-            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise RuntimeError(f"TensorRT could not parse {path.name}: {errors}")
+        from fp8kit.export.tensorrt import parse_strongly_typed
+
+        trt_logger, builder, network = parse_strongly_typed(trt, path)
         config = builder.create_builder_config()
         profile = builder.create_optimization_profile()
         input_name = network.get_input(0).name

@@ -27,6 +27,7 @@ __all__ = [
     "shape_ranges",
     "trtexec_command",
     "tensorrt_available",
+    "parse_strongly_typed",
     "build_engine",
     "EngineReport",
     "LayerSummary",
@@ -152,6 +153,23 @@ class EngineReport:
     layers: LayerSummary
 
 
+def parse_strongly_typed(trt: Any, onnx_path: str | os.PathLike) -> tuple[Any, Any, Any]:
+    """(logger, builder, network): `onnx_path` parsed into a strongly typed TensorRT network.
+
+    Strongly typed: precisions come from the graph's Q/DQ types, no builder precision flags.
+    Raises `EngineError` with the parser's messages when the ONNX does not parse.
+    """
+    trt_logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(trt_logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, trt_logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise EngineError(f"TensorRT could not parse {onnx_path}: " + "; ".join(errors or ["no error reported"]))
+    return trt_logger, builder, network
+
+
 def build_engine(
     onnx_path: str | os.PathLike,
     engine_path: str | os.PathLike,
@@ -169,14 +187,7 @@ def build_engine(
     if trt is None:
         import tensorrt as trt  # noqa: PLW0127 - optional dependency, imported where needed
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    trt_logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(trt_logger)
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, trt_logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise EngineError(f"TensorRT could not parse {onnx_path}: " + "; ".join(errors or ["no error reported"]))
+    trt_logger, builder, network = parse_strongly_typed(trt, onnx_path)
 
     config = builder.create_builder_config()
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
