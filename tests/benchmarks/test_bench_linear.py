@@ -29,10 +29,13 @@ if CUDA:
         ("down_proj", 16, 4096, 14336),
         ("down_proj", 4096, 4096, 14336),
     ]
-    BACKENDS = ["torch-bf16", "fp8-dynamic-tensor", "fp8-dynamic-token", "fp8-static-tensor", "fp8-dynamic-token-compiled"]
+    BACKENDS = [
+        "torch-bf16", "fp8-dynamic-tensor", "fp8-dynamic-token", "fp8-static-tensor", "fp8-dynamic-token-compiled",
+        "scaled-mm-rowwise",
+    ]
 else:
     SHAPES = [("small-square", 16, 256, 256), ("smollm2-mlp-up", 64, 1536, 576)]
-    BACKENDS = ["torch-fp32", "fp8-dynamic-tensor", "fp8-dynamic-token", "fp8-static-tensor"]
+    BACKENDS = ["torch-fp32", "fp8-dynamic-tensor", "fp8-dynamic-token", "fp8-static-tensor", "scaled-mm-rowwise"]
 
 # Accuracy floor per backend family (dB). FP8 E4M3 rounds each operand with relative error <= 2^-4,
 # so one W8A8 GEMM output sits near 28-30 dB; 20 dB leaves margin for unlucky draws.
@@ -61,7 +64,8 @@ def test_linear(benchmark, device, backend_id, name, m, n, k):
     x = torch.randn(m, k, generator=gen).to(device, backend.activation_dtype(dtype))  # (M, K)
     with torch.no_grad():
         fns = [backend.build_linear(w, calib_x) for w in weights]
-        out = fns[0](x)  # (M, N); also compiles the compiled backends, outside the timed region
+        x_in = backend.prepare_input(x)  # x itself, or pre-quantized (scaled-mm-*)
+        out = fns[0](x_in)  # (M, N); also compiles the compiled backends, outside the timed region
         ref = x.double() @ weights[0].double().T  # (M, N) float64 reference
     _sync(device)
 
@@ -69,7 +73,7 @@ def test_linear(benchmark, device, backend_id, name, m, n, k):
 
     def call() -> None:
         with torch.no_grad():
-            next(cycle)(x)
+            next(cycle)(x_in)
         _sync(device)  # the timed region ends when the GPU is done
 
     benchmark.group = f"{m}x{n}x{k}"
@@ -96,7 +100,7 @@ def test_linear(benchmark, device, backend_id, name, m, n, k):
     stats = getattr(benchmark, "stats", None)
     if stats is not None and getattr(stats, "stats", None) is not None and stats.stats.median > 0:
         benchmark.extra_info["tflops"] = linear_flops(m, n, k) / stats.stats.median / 1e12
-    floor = MIN_SQNR_DB["fp8" if backend_id.startswith("fp8") else "torch"]
+    floor = MIN_SQNR_DB["fp8" if backend_id.startswith(("fp8", "scaled-mm")) else "torch"]
     assert out.shape == (m, n)
     assert torch.isfinite(out).all()
     assert benchmark.extra_info["sqnr_db"] > floor, f"{backend_id} {m}x{n}x{k}: SQNR {benchmark.extra_info['sqnr_db']:.1f} dB"

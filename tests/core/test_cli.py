@@ -110,4 +110,29 @@ def test_truncated_model_weights_are_a_clear_error(tiny_llama_dir, tmp_path):
     file = tiny_llama_dir / "model.safetensors"
     file.write_bytes(file.read_bytes()[:500])
     result = cli(tiny_llama_dir, tmp_path / "out")
-    assert result.returncode == 2 and "cannot load model" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "model.safetensors: not a readable safetensors file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_static_calibration_with_layers_offloaded_to_disk(tiny_llama_dir, tmp_path):
+    """--device-map with a layer on disk: same checkpoint, bit for bit, as without offload."""
+    text = tmp_path / "calib.txt"
+    text.write_text(tiny_text(400))
+    args = ["--activation", "static", "--calibration-file", text, "--num-samples", 2, "--seq-len", 64]
+    plain = cli(tiny_llama_dir, tmp_path / "plain", *args)
+    assert plain.returncode == 0, plain.stderr
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}  # fmt: skip
+    offloaded = cli(tiny_llama_dir, tmp_path / "offloaded", *args, "--device-map", json.dumps(device_map),
+                    "--offload-folder", tmp_path / "offload")  # fmt: skip
+    assert offloaded.returncode == 0, offloaded.stderr
+    a, b = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "offloaded" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key].view(torch.uint8), b[key].view(torch.uint8)) if a[key].dtype == torch.float8_e4m3fn \
+            else torch.equal(a[key], b[key]), key
+
+
+def test_bad_device_map_json(tiny_llama_dir, tmp_path):
+    result = cli(tiny_llama_dir, tmp_path / "out", "--device-map", "{not json")
+    assert result.returncode == 2
+    assert "--device-map: not valid JSON" in result.stderr and "Traceback" not in result.stderr

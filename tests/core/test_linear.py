@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from fp8kit.core import FP8Linear, QuantConfig, scaling
+from fp8kit.core import FP8Linear, QuantConfig, kernels, scaling
 from fp8kit.core.scaling import tensor_scale
 
 from fp8_reference import SCHEMES, emulate
@@ -117,3 +117,40 @@ def test_use_fast_accum_is_passed(scaled_mm_calls):
 def test_static_needs_input_scale():
     with pytest.raises(ValueError, match="static activations need an input_scale"):
         FP8Linear.from_linear(nn.Linear(32, 16), QuantConfig(activation="static"))
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize("name", SCHEMES)
+def test_torch_compile_fullgraph_matches_eager(name, backend, monkeypatch):
+    # Under torch.compile FP8Linear must trace without graph breaks (fullgraph=True raises on one)
+    # and run the torch reference ops, even where the Triton kernels would run in eager.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    config = SCHEMES[name]
+    linear = nn.Linear(64, 48).to(torch.bfloat16)
+    x = torch.randn(3, 5, 64, dtype=torch.bfloat16)
+    input_scale = tensor_scale(x) * 1.25 if config.activation == "static" else None
+    fp8 = FP8Linear.from_linear(linear, config, input_scale)
+    expected = fp8(x)  # eager, the torch path on CPU
+    expected_2d = fp8(x[0])
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("a Triton kernel was called under torch.compile")
+
+    monkeypatch.setattr(kernels, "unavailable_reason", lambda device: None)  # kernels "available"
+    for kernel in ("quantize_per_token", "quantize_per_tensor", "quantize_static"):
+        monkeypatch.setattr(kernels, kernel, no_kernel)
+    compiled = torch.compile(fp8, fullgraph=True, backend=backend)
+    out = compiled(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (3, 5, 48)
+    assert torch.equal(out, expected)
+    assert torch.equal(compiled(x[0]), expected_2d)  # 2-D input: the no-reshape branch
+    torch._dynamo.reset()
+
+
+def test_forward_with_2d_input_skips_reshapes_and_matches_3d():
+    torch.manual_seed(0)
+    linear = nn.Linear(32, 16)
+    fp8 = FP8Linear.from_linear(linear, QuantConfig(activation_granularity="token"))
+    x = torch.randn(4, 32)
+    assert torch.equal(fp8(x), fp8(x[None])[0])

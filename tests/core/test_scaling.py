@@ -121,3 +121,42 @@ def test_property_rowwise_shapes_and_saturation(rows, cols, magnitude, data):
     # Values beyond the scale's range saturate instead of overflowing to NaN.
     assert (quantize(x * 1000, scale).float().abs() <= 448).all()
     assert not math.isnan(dequantize(q, scale).sum().item())
+
+
+def test_scaled_mm_unsupported_reason_is_computed_once_per_device(monkeypatch):
+    calls = []
+
+    def capability(index):
+        calls.append(index)
+        return {0: (9, 0), 1: (8, 6)}[index]
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: f"GPU{index}")
+    monkeypatch.setattr(scaling, "_scaled_mm_reasons", {})
+    for _ in range(3):
+        assert scaling.scaled_mm_unsupported_reason(torch.device("cuda", 0)) is None
+        assert scaling.scaled_mm_unsupported_reason(torch.device("cuda", 1)) == (
+            "GPU1 has compute capability 8.6; FP8 GEMMs need 8.9 or newer"
+        )
+        assert scaling.scaled_mm_unsupported_reason(torch.device("cpu")) is None
+        assert scaling.scaled_mm_unsupported_reason(torch.device("meta")) == (
+            "torch._scaled_mm is not available on device type 'meta'"
+        )
+    assert calls == [0, 1]
+
+
+@pytest.mark.parametrize("x_rows, w_rows", [(True, False), (False, True), (True, True)])
+def test_fp8_matmul_mixed_scales_match_expanded_scales(x_rows, w_rows):
+    # A per-tensor scale is expanded when the other operand's is row-wise; passing them expanded
+    # must give the same bits (non-contiguous row-wise scales included).
+    torch.manual_seed(0)
+    x, w = torch.randn(5, 32), torch.randn(12, 32)
+    xs = rowwise_scale(x) if x_rows else tensor_scale(x)
+    ws = rowwise_scale(w) if w_rows else tensor_scale(w)
+    xq, wq = quantize(x, xs), quantize(w, ws)
+    out = scaling.fp8_matmul(xq, wq, xs, ws, out_dtype=torch.float32)
+    xs_full = xs.expand(5, 1).clone()
+    ws_full = torch.cat([ws.expand(12, 1), torch.zeros(12, 1)], dim=1)[:, :1]  # [N,1] with stride (2, 1)
+    ws_full.copy_(ws.expand(12, 1))
+    assert not ws_full.is_contiguous()
+    assert torch.equal(scaling.fp8_matmul(xq, wq, xs_full, ws_full, out_dtype=torch.float32), out)

@@ -1,8 +1,20 @@
 """fp8kit.bench: latency and accuracy of FP8 linears and models (eager torch, torch._scaled_mm,
 ONNX Runtime, TensorRT) as pandas DataFrames, with CSV / Markdown / PNG writers."""
 
-from .backends import BACKEND_PRESETS, Backend, FP8Backend, OrtCpuBackend, TensorRTBackend, TorchBackend, get_backend, parse_backends
-from .metrics import latency_stats, rel_error, sqnr_db, top1_agreement
+from .backends import (
+    BACKEND_PRESETS,
+    Backend,
+    CopyBackend,
+    FP8Backend,
+    OrtCpuBackend,
+    QuantBackend,
+    ScaledMMBackend,
+    TensorRTBackend,
+    TorchBackend,
+    get_backend,
+    parse_backends,
+)
+from .metrics import ceiling_share, floor_ms, floor_ratio, latency_stats, rel_error, sqnr_db, top1_agreement
 from .report import (
     COLUMNS,
     EXTRA_COLUMNS,
@@ -16,22 +28,29 @@ from .report import (
     write_plots,
     write_report,
 )
-from .runner import run_benchmarks
+from .runner import run_benchmarks, run_suite
 from .timing import TimingConfig, time_calls
-from .workloads import SHAPE_PRESETS, LinearWorkload, ModelWorkload, linear_grid
+from .workloads import SHAPE_PRESETS, SUITES, LinearWorkload, ModelWorkload, QuantWorkload, SuitePart, linear_grid
 
 __all__ = [
     "run_benchmarks",
+    "run_suite",
     "Backend",
     "TorchBackend",
     "FP8Backend",
     "OrtCpuBackend",
     "TensorRTBackend",
+    "ScaledMMBackend",
+    "QuantBackend",
+    "CopyBackend",
     "get_backend",
     "parse_backends",
     "BACKEND_PRESETS",
     "LinearWorkload",
     "ModelWorkload",
+    "QuantWorkload",
+    "SuitePart",
+    "SUITES",
     "SHAPE_PRESETS",
     "linear_grid",
     "TimingConfig",
@@ -40,6 +59,9 @@ __all__ = [
     "rel_error",
     "sqnr_db",
     "top1_agreement",
+    "floor_ms",
+    "floor_ratio",
+    "ceiling_share",
     "COLUMNS",
     "EXTRA_COLUMNS",
     "make_frame",

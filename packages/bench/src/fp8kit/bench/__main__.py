@@ -3,6 +3,14 @@
 With no options it picks a preset from the machine: on a GPU the Llama-3-8B layer grid
 (M in 1..8192) over every FP8 scheme, eager and compiled; on a CPU a small grid that finishes
 in under 2 minutes.
+
+``--suite NAME`` runs a named suite instead (`workloads.SUITES`) and writes <NAME>.csv / <NAME>.md /
+<NAME>.env.json / <NAME>_*.png under --out, e.g. issue 5's targets 1-3 on an H100 (about 5 minutes):
+
+    python -m fp8kit.bench --suite h100-speed --out docs/benchmarks/h100
+
+``--targets quant,prefill,decode`` keeps only some of a suite's parts; ``--suite cpu-speed`` is the
+same structure on tiny shapes for a CPU.
 """
 
 from __future__ import annotations
@@ -19,9 +27,9 @@ from fp8kit.core.errors import ConfigError
 
 from .backends import BACKEND_PRESETS, parse_backends
 from .report import write_report
-from .runner import default_dtype, run_benchmarks
+from .runner import default_dtype, run_benchmarks, run_suite
 from .timing import TimingConfig
-from .workloads import M_PRESETS, SHAPE_PRESETS, ModelWorkload, linear_grid, parse_m_values
+from .workloads import M_PRESETS, SHAPE_PRESETS, SUITES, TARGETS, ModelWorkload, linear_grid, parse_m_values, suite_parts
 
 __all__ = ["main", "build_parser"]
 
@@ -54,6 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"backend ids and/or presets ({', '.join(BACKEND_PRESETS)}), comma-separated; default gpu or cpu preset",
     )
     parser.add_argument("--baseline", default=None, help="backend id for speedup (default: the first torch-* backend)")
+    parser.add_argument(
+        "--suite",
+        default=None,
+        help=f"run a named suite ({', '.join(SUITES)}) instead of --shapes/--m/--backends/--model; "
+        "files are named after the suite",
+    )
+    parser.add_argument(
+        "--targets", default=None, help=f"with --suite: only these parts ({', '.join(TARGETS)}), comma-separated"
+    )
     parser.add_argument("--out", default="out/bench", help="output directory (default: out/bench)")
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
     parser.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="high-precision dtype (bf16 GPU / fp32 CPU)")
@@ -68,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-perplexity", action="store_true", help="skip perplexity of real-weight models")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    from .model_speed import add_cli_arguments as _add_model_speed_arguments  # --models (whole-model speed)
+
+    _add_model_speed_arguments(parser)
     return parser
 
 
@@ -106,16 +126,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.models:  # whole-model speed (fp8kit.bench.model_speed): its own workloads and report
+        from .model_speed import run_cli as _run_model_speed
+
+        try:
+            _device(args.device)
+            given = argv if argv is not None else sys.argv[1:]
+            return _run_model_speed(args, "python -m fp8kit.bench " + " ".join(shlex.quote(a) for a in given))
+        except (ConfigError, ValueError) as exc:
+            parser.error(str(exc))
     try:
         device = _device(args.device)
         gpu = device.type == "cuda"
         dtype = _DTYPES[args.dtype] if args.dtype else default_dtype(device)
-        shapes = args.shapes if args.shapes is not None else ("llama3-8b" if gpu else "cpu-small")
-        m_values = parse_m_values(args.m) if args.m else M_PRESETS["gpu" if gpu else "cpu"]
-        backends = parse_backends(args.backends or ("gpu" if gpu else "cpu"))
-        if args.baseline and args.baseline not in {b.id for b in backends}:
-            raise ConfigError(f"--baseline {args.baseline!r} is not among --backends ({', '.join(b.id for b in backends)})")
-        workloads: list = [] if shapes.strip().lower() == "none" else linear_grid(shapes, m_values)
+        if args.suite is not None:
+            given = [opt for opt, value in (("--shapes", args.shapes), ("--m", args.m), ("--backends", args.backends),
+                                            ("--model", args.model), ("--baseline", args.baseline)) if value is not None]
+            if given:
+                raise ConfigError(f"--suite {args.suite} sets the workloads and backends itself; drop {', '.join(given)}")
+            targets = args.targets.split(",") if args.targets is not None else None
+            parts = suite_parts(args.suite, targets)
+        elif args.targets is not None:
+            raise ConfigError("--targets needs --suite")
+        if args.suite is not None:
+            workloads: list = [w for part in parts for w in part.workloads]
+        else:
+            shapes = args.shapes if args.shapes is not None else ("llama3-8b" if gpu else "cpu-small")
+            m_values = parse_m_values(args.m) if args.m else M_PRESETS["gpu" if gpu else "cpu"]
+            backends = parse_backends(args.backends or ("gpu" if gpu else "cpu"))
+            if args.baseline and args.baseline not in {b.id for b in backends}:
+                raise ConfigError(
+                    f"--baseline {args.baseline!r} is not among --backends ({', '.join(b.id for b in backends)})"
+                )
+            workloads = [] if shapes.strip().lower() == "none" else linear_grid(shapes, m_values)
         if args.model:
             batches = _positive_ints(args.batch, "--batch")
             seq_lens = _positive_ints(args.seq_len, "--seq-len")
@@ -144,21 +187,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception:  # noqa: BLE001 - perplexity is optional
             logger.warning("fp8kit.core.data.default_texts unavailable: no perplexity column", exc_info=True)
 
-    logger.info(
-        "running %d workloads x %d backends on %s (%s)", len(workloads), len(backends), device, str(dtype).split(".")[-1]
-    )
-    frame = run_benchmarks(
-        workloads,
-        backends,
-        device=device,
-        dtype=dtype,
-        timing=timing,
-        baseline=args.baseline,
-        perplexity_texts=texts,
-        progress=not args.quiet,
-    )
     command = "python -m fp8kit.bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    written = write_report(frame, args.out, command=command.strip())
+    if args.suite is not None:
+        logger.info("running suite %s (%s) on %s", args.suite, ", ".join(p.target for p in parts), device)
+        frame = run_suite(
+            args.suite, targets=[p.target for p in parts], device=device, dtype=dtype, timing=timing,
+            progress=not args.quiet,
+        )
+        written = write_report(frame, args.out, command=command.strip(), stem=args.suite,
+                               title=f"fp8kit.bench suite {args.suite}")
+    else:
+        logger.info(
+            "running %d workloads x %d backends on %s (%s)", len(workloads), len(backends), device,
+            str(dtype).split(".")[-1],
+        )
+        frame = run_benchmarks(
+            workloads,
+            backends,
+            device=device,
+            dtype=dtype,
+            timing=timing,
+            baseline=args.baseline,
+            perplexity_texts=texts,
+            progress=not args.quiet,
+        )
+        written = write_report(frame, args.out, command=command.strip())
     ok = int((frame["status"] == "ok").sum())
     print(f"{ok}/{len(frame)} rows ran; report: {written['markdown']} {written['csv']} (+{len(written['plots'])} plots)")
     return 0

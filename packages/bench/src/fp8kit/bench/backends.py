@@ -7,6 +7,14 @@
   ``-wchannel`` / ``-wtensor`` names the other; ``-fastacc`` sets ``use_fast_accum``.
 - ``ort-cpu``: ONNX Runtime CPU on the fp8kit Q/DQ ONNX export (accuracy cross-check).
 - ``tensorrt-fp8``: a TensorRT engine built from the same ONNX, timed with its execution context.
+- ``scaled-mm-<rowwise|tensor>[-fastacc]``: bare `torch._scaled_mm` on pre-quantized inputs (the
+  activation is quantized once, outside the timed region): the FP8 GEMM ceiling of the fp8 rows.
+
+Quantization backends (for `QuantWorkload`, an activation x [M,K]):
+- ``copy``: `x.clone()`, the memory-bandwidth reference (read 2 + write 2 bytes per bf16 element).
+- ``quant-<dynamic-token|static-tensor|dynamic-tensor>``: `scaling.quantize_activation` (the
+  Triton kernels on GPU, what `FP8Linear` uses); ``-torch``: the unfused torch path
+  (`scaling.quantize` with `rowwise_scale` / `tensor_scale`); ``-torch-compiled``: `torch.compile` of it.
 
 A backend that cannot run somewhere says why (`unavailable_reason`); the runner turns that into a
 "not run: <reason>" row, never a number.
@@ -34,6 +42,8 @@ from fp8kit.core.errors import ConfigError
 from fp8kit.core.linear import FP8Linear
 from fp8kit.core.scaling import tensor_scale
 
+from .workloads import QUANT_BACKENDS, QUANT_GRAPH_BACKENDS, SCALED_MM_BACKENDS
+
 __all__ = [
     "Backend",
     "BuiltModel",
@@ -41,7 +51,12 @@ __all__ = [
     "FP8Backend",
     "OrtCpuBackend",
     "TensorRTBackend",
+    "ScaledMMBackend",
+    "QuantBackend",
+    "CopyBackend",
     "GraphTimed",
+    "ceiling_backend_id",
+    "quant_impl",
     "get_backend",
     "parse_backends",
     "BACKEND_PRESETS",
@@ -82,6 +97,7 @@ class Backend(ABC):
     """One way of running a linear layer or a model. Subclasses set `id` and implement the builders."""
 
     id: str
+    kind: str = "linear"  # "linear": linear and model workloads; "quant": QuantWorkload
     compiled: bool = False
     cuda_graph: bool = False  # time by CUDA-graph replay instead of eager launches
 
@@ -113,6 +129,14 @@ class Backend(ABC):
         """(input, weight, output) bytes per element, for the fewest-bytes bandwidth figure."""
         size = torch.finfo(self.activation_dtype(run_dtype)).bits / 8
         return size, size, size
+
+    def prepare_input(self, x: torch.Tensor) -> Any:
+        """What the built callables take, made from x [M,K] once, outside the timed region (x itself by default)."""
+        return x
+
+    def impl(self, device: torch.device) -> str:
+        """The report's `impl` column: which code computes the activation quantization ("" if none)."""
+        return ""
 
     @abstractmethod
     def build_linear(self, weight_hp: torch.Tensor, calib_x: torch.Tensor) -> LinearFn:
@@ -217,6 +241,9 @@ class FP8Backend(Backend):
 
     def dtype_label(self, run_dtype: torch.dtype) -> str:
         return f"fp8-e4m3/{dtype_name(run_dtype)}"
+
+    def impl(self, device: torch.device) -> str:
+        return quant_impl(device) + (" under torch.compile" if self.compiled else "")
 
     def weight_bytes(self, n: int, k: int, run_dtype: torch.dtype) -> int:
         scales = n if self.config.weight == "channel" else 1
@@ -444,6 +471,227 @@ class TensorRTBackend(Backend):
         return run
 
 
+def quant_impl(device: torch.device) -> str:
+    """What `scaling.quantize_activation` runs on `device`: "triton" when fp8kit's kernels can run
+    there, else "torch" (with the kernels' reason when they exist but cannot run)."""
+    try:
+        from fp8kit.core import kernels
+    except ImportError:
+        return "torch"
+    try:
+        reason = kernels.unavailable_reason(device)
+    except Exception as exc:  # noqa: BLE001 - informational column
+        reason = f"{type(exc).__name__}: {exc}"
+    return "triton" if reason is None else f"torch ({reason})"
+
+
+def _quantize_activation_reason() -> str | None:
+    from fp8kit.core import scaling
+
+    if not hasattr(scaling, "quantize_activation"):
+        return "fp8kit.core.scaling has no quantize_activation (fp8kit-core without the quantization kernels)"
+    return None
+
+
+class ScaledMMBackend(Backend):
+    """``scaled-mm-<rowwise|tensor>[-fastacc]``: bare `torch._scaled_mm` on an activation quantized
+    once before timing (`prepare_input`), against an FP8 weight [N,K] passed as its column-major view.
+
+    rowwise: scale_a [M,1] (per token), scale_b [1,N] (per channel); tensor: both fp32 [].
+    This is the FP8 GEMM ceiling: an `FP8Linear` row's time over it is the cost of quantizing the
+    activation and of the Python around the GEMM.
+    """
+
+    def __init__(self, scaling: str, *, use_fast_accum: bool = False) -> None:
+        if scaling not in ("rowwise", "tensor"):
+            raise ConfigError(f"ScaledMMBackend: scaling {scaling!r} must be 'rowwise' or 'tensor'")
+        self.scaling = scaling
+        self.use_fast_accum = use_fast_accum
+        self.id = f"scaled-mm-{scaling}" + ("-fastacc" if use_fast_accum else "")
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        from fp8kit.core.scaling import scaled_mm_unsupported_reason
+
+        return scaled_mm_unsupported_reason(device)
+
+    def workload_skip_reason(self, m: int, n: int, k: int) -> str | None:
+        if n % 16 or k % 16:
+            return f"torch._scaled_mm needs N and K divisible by 16 (N={n}, K={k})"
+        return None
+
+    def dtype_label(self, run_dtype: torch.dtype) -> str:
+        return f"fp8-e4m3/{dtype_name(run_dtype)}"
+
+    def weight_bytes(self, n: int, k: int, run_dtype: torch.dtype) -> int:
+        return n * k + 4 * (n if self.scaling == "rowwise" else 1)
+
+    def element_bytes(self, run_dtype: torch.dtype) -> tuple[float, float, float]:
+        return 1.0, 1.0, torch.finfo(run_dtype).bits / 8  # x is already FP8
+
+    def impl(self, device: torch.device) -> str:
+        return "pre-quantized"
+
+    def prepare_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+        """(x_fp8 [M,K], scale_a fp32 [M,1] or [], out dtype) for the GEMM."""
+        from fp8kit.core import scaling
+
+        scale_a = scaling.rowwise_scale(x) if self.scaling == "rowwise" else scaling.tensor_scale(x)  # [M,1] or []
+        return scaling.quantize(x, scale_a), scale_a.contiguous(), x.dtype
+
+    def build_linear(self, weight_hp: torch.Tensor, calib_x: torch.Tensor) -> Callable[[Any], torch.Tensor]:
+        from fp8kit.core import scaling
+
+        n = weight_hp.shape[0]
+        if self.scaling == "rowwise":
+            w_scale = scaling.rowwise_scale(weight_hp)  # (N, 1)
+            scale_b = w_scale.reshape(1, n).contiguous()  # (1, N)
+        else:
+            w_scale = scaling.tensor_scale(weight_hp)  # ()
+            scale_b = w_scale
+        weight_fp8 = scaling.quantize(weight_hp, w_scale).contiguous()  # (N, K)
+        fast = self.use_fast_accum
+
+        def run(prepared: tuple[torch.Tensor, torch.Tensor, torch.dtype]) -> torch.Tensor:
+            x_fp8, scale_a, out_dtype = prepared
+            out = torch._scaled_mm(x_fp8, weight_fp8.t(), scale_a, scale_b, out_dtype=out_dtype, use_fast_accum=fast)
+            return out[0] if isinstance(out, tuple) else out  # torch < 2.5 returned (out, amax)
+
+        return run
+
+
+def ceiling_backend_id(backend_id: str) -> str | None:
+    """The `scaled-mm-*` id that is the FP8 GEMM ceiling of an ``fp8-*`` backend id (None for others).
+
+    Row-wise scales for per-token activations or per-channel weights, per-tensor otherwise; the same
+    `-fastacc` and `-graph` suffixes (`-compiled` is dropped: the bare GEMM is not compiled).
+    """
+    graph = backend_id.endswith("-graph")
+    match = _FP8_ID.fullmatch(backend_id.removesuffix("-graph"))
+    if match is None:
+        return None
+    weight = match["weight"] or ("channel" if match["granularity"] == "token" else "tensor")
+    rowwise = match["granularity"] == "token" or weight == "channel"
+    return (
+        f"scaled-mm-{'rowwise' if rowwise else 'tensor'}"
+        + ("-fastacc" if match["fastacc"] else "")
+        + ("-graph" if graph else "")
+    )
+
+
+QuantFn = Callable[[torch.Tensor], Any]
+
+
+class QuantBackend(Backend):
+    """``quant-<activation>-<granularity>[-torch[-compiled]]``: FP8 quantization of an activation x [M,K].
+
+    impl "kernel": `scaling.quantize_activation` (Triton on GPU); "torch": `scaling.quantize` with
+    `rowwise_scale` / `tensor_scale` (several kernels); "torch-compiled": `torch.compile` of that
+    (static shapes, one graph per M x K). Each call returns (x_fp8 [M,K], scale fp32 [M,1] or []).
+    """
+
+    kind = "quant"
+
+    def __init__(self, activation: str, granularity: str, impl: str = "kernel") -> None:
+        if (activation, granularity) not in (("dynamic", "token"), ("dynamic", "tensor"), ("static", "tensor")):
+            raise ConfigError(
+                f"quant backend: {activation}-{granularity} is not a scheme; use dynamic-token, dynamic-tensor or static-tensor"
+            )
+        if impl not in ("kernel", "torch", "torch-compiled"):
+            raise ConfigError(f"QuantBackend: impl {impl!r} must be 'kernel', 'torch' or 'torch-compiled'")
+        self.activation = activation
+        self.granularity = granularity
+        self.impl_name = impl
+        self.compiled = impl == "torch-compiled"
+        self.id = f"quant-{activation}-{granularity}" + ("" if impl == "kernel" else f"-{impl}")
+        self._compiled_fn: Callable[..., Any] | None = None
+
+    @property
+    def passes(self) -> int:
+        """Reads of x the algorithm needs: 2 for dynamic per-tensor (amax, then quantize), else 1."""
+        return 2 if (self.activation, self.granularity) == ("dynamic", "tensor") else 1
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        return _quantize_activation_reason() if self.impl_name == "kernel" else None
+
+    def dtype_label(self, run_dtype: torch.dtype) -> str:
+        return f"{dtype_name(run_dtype)}->fp8-e4m3"
+
+    def impl(self, device: torch.device) -> str:
+        return quant_impl(device) if self.impl_name == "kernel" else self.impl_name.replace("-compiled", ".compile")
+
+    def weight_bytes(self, n: int, k: int, run_dtype: torch.dtype) -> int:
+        return 0
+
+    def quant_bytes(self, m: int, k: int, run_dtype: torch.dtype) -> int:
+        """The algorithm's fewest bytes: read x `passes` times, write x_fp8 once (scales not counted):
+        3 bytes per bf16 element for one pass, 5 for two."""
+        size = torch.finfo(run_dtype).bits // 8
+        return m * k * (self.passes * size + 1)
+
+    def build_linear(self, weight_hp: torch.Tensor, calib_x: torch.Tensor) -> LinearFn:
+        raise NotImplementedError(f"backend {self.id} quantizes activations; it runs QuantWorkload only")
+
+    def build_quant(self, static_scale: torch.Tensor) -> QuantFn:
+        """f(x [M,K]) -> (x_fp8 [M,K], scale); `static_scale` fp32 [] is the static scheme's calibrated scale."""
+        from fp8kit.core import scaling
+
+        if self.impl_name == "kernel":
+            if self.activation == "static":
+                return lambda x: scaling.quantize_activation(x, "tensor", scale=static_scale)
+            granularity = self.granularity
+            return lambda x: scaling.quantize_activation(x, granularity)
+        fn = _torch_quant_fn(self.activation, self.granularity)
+        if self.compiled:
+            if self._compiled_fn is None:
+                _raise_dynamo_cache_limits()
+                self._compiled_fn = torch.compile(fn, dynamic=False)
+            fn = self._compiled_fn
+        return lambda x: fn(x, static_scale)
+
+
+def _torch_quant_fn(activation: str, granularity: str) -> Callable[[torch.Tensor, torch.Tensor], Any]:
+    from fp8kit.core import scaling
+
+    if activation == "static":
+        return lambda x, scale: (scaling.quantize(x, scale), scale)
+    scale_fn = scaling.rowwise_scale if granularity == "token" else scaling.tensor_scale
+
+    def dynamic(x: torch.Tensor, _unused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = scale_fn(x)  # [M,1] or []
+        return scaling.quantize(x, scale), scale
+
+    return dynamic
+
+
+class CopyBackend(QuantBackend):
+    """``copy``: `x.clone()` of the activation: the memory bandwidth the quantization rows are measured
+    against (read + write 2 bytes each per bf16 element)."""
+
+    def __init__(self) -> None:
+        self.activation, self.granularity, self.impl_name = "none", "none", "copy"
+        self.compiled = False
+        self.id = "copy"
+
+    @property
+    def passes(self) -> int:
+        return 1
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        return None
+
+    def dtype_label(self, run_dtype: torch.dtype) -> str:
+        return dtype_name(run_dtype)
+
+    def impl(self, device: torch.device) -> str:
+        return "copy"
+
+    def quant_bytes(self, m: int, k: int, run_dtype: torch.dtype) -> int:
+        return 2 * m * k * (torch.finfo(run_dtype).bits // 8)
+
+    def build_quant(self, static_scale: torch.Tensor) -> QuantFn:
+        return torch.clone
+
+
 class GraphTimed(Backend):
     """`<inner id>-graph`: the inner backend, timed by CUDA-graph replay (launch overhead removed)."""
 
@@ -453,6 +701,7 @@ class GraphTimed(Backend):
         self.inner = inner
         self.id = f"{inner.id}-graph"
         self.compiled = inner.compiled
+        self.kind = inner.kind
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         if device.type != "cuda":
@@ -475,6 +724,18 @@ class GraphTimed(Backend):
 
     def element_bytes(self, run_dtype: torch.dtype) -> tuple[float, float, float]:
         return self.inner.element_bytes(run_dtype)
+
+    def impl(self, device: torch.device) -> str:
+        return self.inner.impl(device)
+
+    def prepare_input(self, x: torch.Tensor) -> Any:
+        return self.inner.prepare_input(x)
+
+    def quant_bytes(self, m: int, k: int, run_dtype: torch.dtype) -> int:
+        return self.inner.quant_bytes(m, k, run_dtype)  # type: ignore[attr-defined]
+
+    def build_quant(self, static_scale: torch.Tensor) -> QuantFn:
+        return self.inner.build_quant(static_scale)  # type: ignore[attr-defined]
 
     def build_linear(self, weight_hp: torch.Tensor, calib_x: torch.Tensor) -> LinearFn:
         return self.inner.build_linear(weight_hp, calib_x)
@@ -515,6 +776,10 @@ BACKEND_PRESETS: dict[str, tuple[str, ...]] = {
         "tensorrt-fp8",
         "ort-cpu",
     ),
+    # Quantization kernels vs the torch path vs a copy (QuantWorkload rows).
+    "quant": QUANT_BACKENDS + QUANT_GRAPH_BACKENDS,
+    # Bare torch._scaled_mm on pre-quantized inputs: the FP8 GEMM ceiling.
+    "ceiling": SCALED_MM_BACKENDS,
 }
 
 
@@ -540,6 +805,15 @@ def get_backend(backend_id: str) -> Backend:
             use_fast_accum=bool(fp8_match["fastacc"]),
             compiled=bool(fp8_match["compiled"]),
         )
+    mm_match = re.fullmatch(r"scaled-mm-(rowwise|tensor)(-fastacc)?", text)
+    if mm_match:
+        return ScaledMMBackend(mm_match.group(1), use_fast_accum=bool(mm_match.group(2)))
+    if text == "copy":
+        return CopyBackend()
+    quant_match = re.fullmatch(r"quant-(dynamic|static)-(token|tensor)(-torch(?:-compiled)?)?", text)
+    if quant_match:
+        impl = (quant_match.group(3) or "-kernel").removeprefix("-")
+        return QuantBackend(quant_match.group(1), quant_match.group(2), impl)
     if text == "ort-cpu":
         return OrtCpuBackend()
     if text == "ort-cpu-optimized":
@@ -549,7 +823,9 @@ def get_backend(backend_id: str) -> Backend:
     raise ConfigError(
         f"unknown backend {text!r}; use torch-bf16|torch-fp16|torch-fp32[-compiled], "
         "fp8-dynamic-tensor|fp8-dynamic-token|fp8-static-tensor[-wtensor|-wchannel][-fastacc][-compiled], "
-        "ort-cpu, ort-cpu-optimized, tensorrt-fp8 (torch / fp8 ids may end in -graph), or a preset: " + ", ".join(BACKEND_PRESETS)
+        "scaled-mm-rowwise|scaled-mm-tensor[-fastacc], ort-cpu, ort-cpu-optimized, tensorrt-fp8, "
+        "copy, quant-dynamic-token|quant-dynamic-tensor|quant-static-tensor[-torch[-compiled]] "
+        "(all but ort / tensorrt ids may end in -graph), or a preset: " + ", ".join(BACKEND_PRESETS)
     )
 
 

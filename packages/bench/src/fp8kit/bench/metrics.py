@@ -22,6 +22,9 @@ __all__ = [
     "sqnr_db",
     "top1_agreement",
     "speedup",
+    "floor_ms",
+    "floor_ratio",
+    "ceiling_share",
 ]
 
 
@@ -138,3 +141,28 @@ def speedup(baseline_ms: float, latency_ms: float) -> float:
     if not (baseline_ms > 0 and latency_ms > 0):
         return float("nan")
     return baseline_ms / latency_ms
+
+
+def floor_ms(num_bytes: float, bandwidth_gbps: float) -> float:
+    """Memory floor in ms: `num_bytes` moved at `bandwidth_gbps` (10^9 bytes/s, e.g. the copy
+    bandwidth measured in the same run); NaN if the bandwidth is missing or not positive."""
+    if not (bandwidth_gbps > 0 and num_bytes >= 0):
+        return float("nan")
+    return num_bytes / (bandwidth_gbps * 1e9) * 1e3
+
+
+def floor_ratio(latency_ms: float, floor_latency_ms: float) -> float:
+    """latency_ms / floor_latency_ms: 1.0 at the memory floor, 1.3 means 30% slower than it; NaN if
+    either is missing or not positive."""
+    if not (latency_ms > 0 and floor_latency_ms > 0):
+        return float("nan")
+    return latency_ms / floor_latency_ms
+
+
+def ceiling_share(ceiling_ms: float, latency_ms: float) -> float:
+    """Share of the FP8 GEMM ceiling: ceiling_ms (bare `_scaled_mm`) / latency_ms (the whole FP8
+    linear, quantization included); 1.0 means no overhead over the bare GEMM. NaN if either is
+    missing or not positive."""
+    if not (ceiling_ms > 0 and latency_ms > 0):
+        return float("nan")
+    return ceiling_ms / latency_ms

@@ -7,6 +7,7 @@ import datetime as _dt
 import json
 import logging
 import math
+import os
 import platform
 import re
 from collections.abc import Iterable, Mapping
@@ -20,6 +21,9 @@ __all__ = [
     "EXTRA_COLUMNS",
     "make_frame",
     "add_speedup",
+    "add_quant_floor",
+    "add_ceiling_share",
+    "add_derived",
     "speedup_pivot",
     "environment_info",
     "write_csv",
@@ -57,7 +61,16 @@ COLUMNS: tuple[str, ...] = (
     "status",
 )
 
-#: Further columns, after COLUMNS: context, setup costs, LM accuracy.
+#: Further columns, after COLUMNS: context, setup costs, LM accuracy, then (added for the speed
+#: suites; empty in older reports, which `read_csv` still reads):
+#: target: the suite part a row serves ("quant", "prefill", "decode"; "" outside suites);
+#: impl: what computes the activation quantization ("triton", "torch", "torch.compile", "copy", ...);
+#: bytes_moved: the bytes per call that `gbps` counts (linear: fewest bytes; quant: the algorithm's,
+#:   3 B/element for one pass over bf16, 5 for the two-pass dynamic per-tensor; copy: 4);
+#: copy_gbps / floor_ms / floor_ratio (quant rows): the copy bandwidth measured in the same run for
+#:   the same M x K and timing mode, bytes_moved at that bandwidth, and latency / floor;
+#: ceiling_backend / ceiling_ms / ceiling_share (fp8 linear rows): the bare `_scaled_mm` row of the
+#:   same shape and timing mode, its latency, and ceiling_ms / latency (1.0 = no overhead).
 EXTRA_COLUMNS: tuple[str, ...] = (
     "shape",
     "device",
@@ -68,10 +81,21 @@ EXTRA_COLUMNS: tuple[str, ...] = (
     "top1_agreement",
     "perplexity",
     "ppl_tokens",
+    "target",
+    "impl",
+    "bytes_moved",
+    "copy_gbps",
+    "floor_ms",
+    "floor_ratio",
+    "ceiling_backend",
+    "ceiling_ms",
+    "ceiling_share",
 )
 
-_INT_COLUMNS = ("M", "N", "K", "runs", "weight_bytes", "weight_copies", "ppl_tokens")
-_STR_COLUMNS = ("workload", "backend", "dtype", "status", "shape", "device")
+_INT_COLUMNS = ("M", "N", "K", "runs", "weight_bytes", "weight_copies", "ppl_tokens", "bytes_moved")
+_STR_COLUMNS = (
+    "workload", "backend", "dtype", "status", "shape", "device", "target", "impl", "ceiling_backend", "attention"
+)
 _BOOL_COLUMNS = ("compiled",)
 
 
@@ -125,7 +149,12 @@ def environment_info() -> dict[str, str]:
     else:
         info["gpu"] = "none (CPU run)"
         info["cpu"] = platform.processor() or platform.machine()
-    for label, dist in (("tensorrt", "tensorrt"), ("onnxruntime", "onnxruntime"), ("transformers", "transformers")):
+    for label, dist in (
+        ("triton", "triton"),
+        ("tensorrt", "tensorrt"),
+        ("onnxruntime", "onnxruntime"),
+        ("transformers", "transformers"),
+    ):
         try:
             info[label] = md.version(dist)
         except md.PackageNotFoundError:
@@ -149,21 +178,38 @@ def _nvidia_driver() -> str:
         return "unknown"
 
 
-def write_csv(frame: pd.DataFrame, path: str | Path) -> Path:
-    """Write the report as CSV (no index; NaN / <NA> as empty fields)."""
-    path = Path(path)
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _write_text_atomic(path: Path, text: str) -> Path:
+    """Write `text` to a temporary file beside `path`, then rename it over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(path, index=False)
+    tmp = _tmp_path(path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
+def write_csv(frame: pd.DataFrame, path: str | Path) -> Path:
+    """Write the report as CSV (no index; NaN / <NA> as empty fields), atomically."""
+    return _write_text_atomic(Path(path), frame.to_csv(index=False))
+
+
 def read_csv(path: str | Path) -> pd.DataFrame:
-    """Read a report CSV back with the report's dtypes (the inverse of `write_csv`)."""
+    """Read a report CSV back with the report's dtypes (the inverse of `write_csv`).
+
+    Reports written before a column was added read back with that column empty, in the
+    COLUMNS + EXTRA_COLUMNS order.
+    """
     frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"{path}: not an fp8kit.bench report, missing columns {missing}")
-    return _apply_dtypes(frame)
+    return make_frame(frame.to_dict("records"))
 
 
 def _fmt(value: Any, column: str) -> str:
@@ -236,6 +282,7 @@ def write_markdown(
     if not pivot.empty:
         parts.append("## Speedup vs baseline (median latency)\n")
         parts.append(_pivot_markdown(pivot))
+    parts.extend(_target_sections(frame))
     not_run = frame[frame["status"] != "ok"]
     if not not_run.empty:
         reasons = not_run.groupby(["backend", "status"]).size().reset_index(name="rows")
@@ -244,8 +291,38 @@ def write_markdown(
     parts.append("## All rows\n")
     cols = [c for c in _SUMMARY_COLUMNS if c in frame.columns and (c in COLUMNS or frame[c].notna().any())]
     parts.append(to_markdown(frame, cols))
-    path.write_text("\n".join(parts))
-    return path
+    return _write_text_atomic(path, "\n".join(parts))
+
+
+_TARGET_COLUMNS: dict[str, tuple[str, ...]] = {
+    "quant": (
+        "workload", "backend", "impl", "M", "K", "latency_ms_median", "gbps", "bytes_moved", "copy_gbps", "floor_ms",
+        "floor_ratio", "sqnr_db", "status",
+    ),
+    "linear": (
+        "workload", "backend", "M", "N", "K", "latency_ms_median", "tflops", "gbps", "speedup_vs_baseline",
+        "ceiling_backend", "ceiling_share", "sqnr_db", "status",
+    ),
+}
+_TARGET_TITLES = {
+    "quant": "Quantization kernels (floor = bytes_moved at the copy bandwidth of the same M x K and timing mode)",
+    "prefill": "Prefill linears (ceiling_share = bare _scaled_mm latency / row latency)",
+    "decode": "Decode linears (-graph rows: CUDA-graph replay, speedup vs torch-bf16-graph)",
+}
+
+
+def _target_sections(frame: pd.DataFrame) -> list[str]:
+    """One Markdown table per `target` label present (rows of suites), in the suites' order."""
+    if "target" not in frame.columns:
+        return []
+    parts: list[str] = []
+    targets = [t for t in dict.fromkeys(frame["target"]) if t]
+    for target in targets:
+        rows = frame[frame["target"] == target]
+        columns = _TARGET_COLUMNS["quant" if rows["workload"].str.startswith("quant:").all() else "linear"]
+        parts.append(f"## Target `{target}`: {_TARGET_TITLES.get(target, target)}\n")
+        parts.append(to_markdown(rows, columns))
+    return parts
 
 
 def speedup_pivot(frame: pd.DataFrame) -> pd.DataFrame:
@@ -285,9 +362,10 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
 
 
-def write_plots(frame: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+def write_plots(frame: pd.DataFrame, out_dir: str | Path, prefix: str = "") -> list[Path]:
     """PNG plots: speedup vs M per (N, K) shape (one file per shape, one line per backend), and
-    accuracy (SQNR in dB, median over M) per backend. Returns the files written."""
+    accuracy (SQNR in dB, median over M) per backend; file names start with `prefix`. Returns the
+    files written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -323,8 +401,7 @@ def write_plots(frame: pd.DataFrame, out_dir: str | Path) -> list[Path]:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="solid eager, dashed compiled, dotted CUDA graph", title_fontsize=7)
         fig.tight_layout()
-        path = out_dir / f"speedup_{int(n)}x{int(k)}.png"
-        fig.savefig(path, dpi=110)
+        path = _savefig(fig, out_dir / f"{prefix}speedup_{int(n)}x{int(k)}.png")
         plt.close(fig)
         written.append(path)
 
@@ -338,26 +415,42 @@ def write_plots(frame: pd.DataFrame, out_dir: str | Path) -> list[Path]:
         ax.set_ylabel("")
         ax.grid(True, axis="x", alpha=0.3)
         fig.tight_layout()
-        path = out_dir / "accuracy_sqnr.png"
-        fig.savefig(path, dpi=110)
+        path = _savefig(fig, out_dir / f"{prefix}accuracy_sqnr.png")
         plt.close(fig)
         written.append(path)
     return written
 
 
+def _savefig(fig: Any, path: Path) -> Path:
+    tmp = _tmp_path(path)
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def write_report(
     frame: pd.DataFrame, out_dir: str | Path, *, env: Mapping[str, str] | None = None, command: str | None = None,
-    title: str = "fp8kit.bench report",
+    title: str = "fp8kit.bench report", stem: str = "report",
 ) -> dict[str, Path | list[Path]]:
-    """report.csv, report.md, env.json and the PNG plots under `out_dir`."""
+    """<stem>.csv, <stem>.md, env.json and the PNG plots under `out_dir` (each written atomically).
+
+    With a `stem` other than "report" (a suite's name) the environment goes to <stem>.env.json and
+    the plots are prefixed "<stem>_", so a suite can share a directory with the default report.
+    """
     out_dir = Path(out_dir)
     env = dict(env) if env is not None else environment_info()
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "env.json").write_text(json.dumps({**env, "command": command or ""}, indent=2) + "\n")
+    default = stem == "report"
+    env_path = out_dir / ("env.json" if default else f"{stem}.env.json")
+    _write_text_atomic(env_path, json.dumps({**env, "command": command or ""}, indent=2) + "\n")
     return {
-        "csv": write_csv(frame, out_dir / "report.csv"),
-        "markdown": write_markdown(frame, out_dir / "report.md", env=env, command=command, title=title),
-        "plots": write_plots(frame, out_dir),
+        "csv": write_csv(frame, out_dir / f"{stem}.csv"),
+        "markdown": write_markdown(frame, out_dir / f"{stem}.md", env=env, command=command, title=title),
+        "env": env_path,
+        "plots": write_plots(frame, out_dir, prefix="" if default else f"{stem}_"),
     }
 
 
@@ -426,7 +519,7 @@ def add_speedup(frame: pd.DataFrame, baseline: str | None) -> pd.DataFrame:
         return frame
     if "device" not in frame.columns:
         frame["device"] = ""
-    keys = ["workload", "M", "N", "K", "device"]
+    keys = ["workload", "M", "N", "K", "device"] + (["target"] if "target" in frame.columns else [])
     graph_baseline = f"{baseline}-graph"
     has_graph_baseline = bool((frame["backend"] == graph_baseline).any())
     ref_backend = frame["backend"].map(
@@ -438,3 +531,81 @@ def add_speedup(frame: pd.DataFrame, baseline: str | None) -> pd.DataFrame:
     frame["speedup_vs_baseline"] = (merged["_baseline_ms"].to_numpy() / frame["latency_ms_median"].to_numpy())
     frame.attrs["baseline"] = baseline
     return frame
+
+
+def _key(row: Any, columns: Iterable[str]) -> tuple[Any, ...]:
+    return tuple(None if (v is pd.NA or (isinstance(v, float) and math.isnan(v))) else v for v in (row[c] for c in columns))
+
+
+def add_quant_floor(frame: pd.DataFrame) -> pd.DataFrame:
+    """Fill copy_gbps, floor_ms and floor_ratio of quantization rows (workload "quant:...").
+
+    The reference is the `copy` row (`copy-graph` for `-graph` rows) of the same workload, M, K,
+    device and target that ran: floor_ms = bytes_moved at its GB/s; floor_ratio = latency / floor_ms.
+    Rows without such a copy row, or that did not run, get NaN.
+    """
+    for column in ("copy_gbps", "floor_ms", "floor_ratio"):
+        frame[column] = float("nan")
+    if frame.empty or "bytes_moved" not in frame.columns:
+        return frame
+    from .metrics import floor_ms, floor_ratio
+
+    keys = [c for c in ("workload", "M", "K", "device", "target") if c in frame.columns]
+    quant = frame["workload"].astype(str).str.startswith("quant:")
+    copies: dict[tuple[Any, ...], float] = {}
+    for _, row in frame[quant & (frame["status"] == "ok") & frame["backend"].isin(["copy", "copy-graph"])].iterrows():
+        copies[(*_key(row, keys), row["backend"] == "copy-graph")] = float(row["gbps"])
+    for index, row in frame[quant & (frame["status"] == "ok")].iterrows():
+        copy_gbps = copies.get((*_key(row, keys), str(row["backend"]).endswith("-graph")))
+        if copy_gbps is None or row["bytes_moved"] is pd.NA:
+            continue
+        floor = floor_ms(float(row["bytes_moved"]), copy_gbps)
+        frame.at[index, "copy_gbps"] = copy_gbps
+        frame.at[index, "floor_ms"] = floor
+        frame.at[index, "floor_ratio"] = floor_ratio(float(row["latency_ms_median"]), floor)
+    return frame
+
+
+def add_ceiling_share(frame: pd.DataFrame) -> pd.DataFrame:
+    """Fill ceiling_backend, ceiling_ms and ceiling_share of ``fp8-*`` linear rows.
+
+    The ceiling is the `scaled-mm-*` row named by `backends.ceiling_backend_id` (same scaling,
+    `-fastacc` and `-graph`) of the same workload, M, N, K, device and target; if that one is absent,
+    the fastest `scaled-mm-*` row of the same timing mode (eager or graph). ceiling_share =
+    ceiling_ms / latency (1.0: the FP8 linear costs no more than its bare GEMM).
+    """
+    frame["ceiling_backend"] = ""
+    frame["ceiling_ms"] = float("nan")
+    frame["ceiling_share"] = float("nan")
+    if frame.empty:
+        return frame
+    from .backends import ceiling_backend_id
+    from .metrics import ceiling_share
+
+    keys = [c for c in ("workload", "M", "N", "K", "device", "target") if c in frame.columns]
+    ok = frame[frame["status"] == "ok"]
+    ceilings: dict[tuple[Any, ...], dict[str, float]] = {}
+    for _, row in ok[ok["backend"].astype(str).str.startswith("scaled-mm-")].iterrows():
+        ceilings.setdefault(_key(row, keys), {})[str(row["backend"])] = float(row["latency_ms_median"])
+    for index, row in ok[ok["backend"].astype(str).str.startswith("fp8-")].iterrows():
+        wanted = ceiling_backend_id(str(row["backend"]))
+        found = ceilings.get(_key(row, keys), {})
+        if wanted in found:
+            chosen = wanted
+        else:
+            graph = str(row["backend"]).endswith("-graph")
+            same_mode = {b: ms for b, ms in found.items() if b.endswith("-graph") == graph}
+            if not same_mode:
+                continue
+            chosen = min(same_mode, key=same_mode.__getitem__)
+        frame.at[index, "ceiling_backend"] = chosen
+        frame.at[index, "ceiling_ms"] = found[chosen]
+        frame.at[index, "ceiling_share"] = ceiling_share(found[chosen], float(row["latency_ms_median"]))
+    return frame
+
+
+def add_derived(frame: pd.DataFrame, baseline: str | None) -> pd.DataFrame:
+    """Every column computed across rows of the same run: speedup, quantization floor, GEMM ceiling."""
+    frame = add_speedup(frame, baseline)
+    frame = add_quant_floor(frame)
+    return add_ceiling_share(frame)

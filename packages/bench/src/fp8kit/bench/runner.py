@@ -1,4 +1,5 @@
-"""Run workloads x backends and collect one DataFrame row per pair (see `report.COLUMNS`)."""
+"""Run workloads x backends and collect one DataFrame row per pair (see `report.COLUMNS`), and
+run named suites (`run_suite`) part by part into one frame."""
 
 from __future__ import annotations
 
@@ -17,16 +18,24 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import metrics
-from .backends import Backend, TorchBackend
-from .report import add_speedup, make_frame
+from .backends import Backend, TorchBackend, parse_backends
+from .report import add_derived, make_frame
 from .timing import TimingConfig, time_calls, time_cuda_graph
-from .workloads import LinearWorkload, ModelWorkload
+from .workloads import LinearWorkload, ModelWorkload, QuantWorkload, suite_parts
 
-__all__ = ["run_benchmarks", "default_device", "default_dtype", "smollm2_config", "load_bench_model", "cast_model"]
+__all__ = [
+    "run_benchmarks",
+    "run_suite",
+    "default_device",
+    "default_dtype",
+    "smollm2_config",
+    "load_bench_model",
+    "cast_model",
+]
 
 logger = logging.getLogger(__name__)
 
-Workload = LinearWorkload | ModelWorkload
+Workload = LinearWorkload | ModelWorkload | QuantWorkload
 ModelLoader = Callable[[str, torch.dtype, torch.device], tuple[nn.Module, Any]]
 
 
@@ -120,15 +129,71 @@ def run_benchmarks(
     perplexity_texts: held-out texts for the perplexity of real-weight language models.
     model_loader: (spec, dtype, device) -> (model, tokenizer or None) for model workloads;
         default `load_bench_model`.
+    Quantization workloads pair with quantization backends (``copy``, ``quant-*``) and linear /
+    model workloads with the others; other pairs make no row.
     Unavailable backends and failing (workload, backend) pairs become rows whose `status` says why.
     """
+    frame = _run_rows(
+        workloads, backends, device=device, dtype=dtype, timing=timing, rotate_bytes=rotate_bytes,
+        perplexity_texts=perplexity_texts, seed=seed, progress=progress, model_loader=model_loader,
+    )
+    if baseline is None:
+        baseline = next((b.id for b in backends if isinstance(b, TorchBackend)), None)
+    return add_derived(frame, baseline)
+
+
+def run_suite(
+    name: str,
+    *,
+    targets: Sequence[str] | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    timing: TimingConfig | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Run every part of suite `name` (`workloads.SUITES`), or those whose target is in `targets`,
+    each with its own backends and weight rotation, into one frame (rows labelled by `target`).
+
+    Speedup is against ``torch-bf16`` (``torch-fp32`` on a CPU run's fp32 parts), measured in the same run.
+    """
+    parts = suite_parts(name, targets)
+    device = torch.device(device) if device is not None else default_device()
+    frames = []
+    for part in parts:
+        logger.info("suite %s: target %s, %d workloads", name, part.target, len(part.workloads))
+        frames.append(
+            _run_rows(
+                part.workloads, parse_backends(",".join(part.backends)), device=device, dtype=dtype, timing=timing,
+                rotate_bytes=part.rotate_bytes, perplexity_texts=None, seed=seed, progress=progress, model_loader=None,
+            )
+        )
+    rows = pd.concat(frames, ignore_index=True).to_dict("records") if frames else []
+    frame = make_frame(rows)
+    ids = set(frame["backend"]) if not frame.empty else set()
+    baseline = "torch-bf16" if "torch-bf16" in ids else next((b for b in ids if str(b).startswith("torch-")), None)
+    return add_derived(frame, baseline)
+
+
+def _run_rows(
+    workloads: Sequence[Workload],
+    backends: Sequence[Backend],
+    *,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+    timing: TimingConfig | None,
+    rotate_bytes: int | None,
+    perplexity_texts: Sequence[str] | None,
+    seed: int,
+    progress: bool,
+    model_loader: ModelLoader | None,
+) -> pd.DataFrame:
+    """The rows of `run_benchmarks`, before the columns computed across rows."""
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     timing = timing or TimingConfig()
     if rotate_bytes is None:
         rotate_bytes = 4 * torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
-    if baseline is None:
-        baseline = next((b.id for b in backends if isinstance(b, TorchBackend)), None)
 
     unavailable = {b.id: b.unavailable_reason(device) for b in backends}
     for backend_id, reason in unavailable.items():
@@ -138,34 +203,46 @@ def run_benchmarks(
     rows: list[dict[str, Any]] = []
     linear = [w for w in workloads if isinstance(w, LinearWorkload)]
     models = [w for w in workloads if isinstance(w, ModelWorkload)]
-    total = len(workloads) * len(backends)
+    quant = [w for w in workloads if isinstance(w, QuantWorkload)]
+    linear_backends = [b for b in backends if b.kind == "linear"]
+    quant_backends = [b for b in backends if b.kind == "quant"]
+    total = (len(linear) + len(models)) * len(linear_backends) + len(quant) * len(quant_backends)
     with tqdm(total=total, desc="fp8kit.bench", unit="row", disable=not progress) as bar:
-        for (n, k), group in groupby(sorted(linear, key=lambda w: (w.n, w.k, w.m)), key=lambda w: (w.n, w.k)):
-            group_list = list(group)
-            rows += _run_linear_group(
-                n, k, group_list, backends, unavailable, device, dtype, timing, rotate_bytes, seed, bar
-            )
-        for spec, group in groupby(sorted(models, key=lambda w: (w.spec, w.m)), key=lambda w: w.spec):
-            rows += _run_model_group(
-                spec, list(group), backends, unavailable, device, dtype, timing, perplexity_texts, seed, bar,
-                model_loader or load_bench_model,
-            )
-    frame = make_frame(rows)
-    return add_speedup(frame, baseline)
+        if quant and quant_backends:
+            rows += _run_quant_group(quant, quant_backends, unavailable, device, dtype, timing, seed, bar)
+        if linear_backends:
+            for (n, k), group in groupby(sorted(linear, key=lambda w: (w.n, w.k, w.m)), key=lambda w: (w.n, w.k)):
+                rows += _run_linear_group(
+                    n, k, list(group), linear_backends, unavailable, device, dtype, timing, rotate_bytes, seed, bar
+                )
+            for spec, group in groupby(sorted(models, key=lambda w: (w.spec, w.m)), key=lambda w: w.spec):
+                rows += _run_model_group(
+                    spec, list(group), linear_backends, unavailable, device, dtype, timing, perplexity_texts, seed,
+                    bar, model_loader or load_bench_model,
+                )
+    return make_frame(rows)
 
 
 def _base_row(workload: Workload, backend: Backend, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
     is_linear = isinstance(workload, LinearWorkload)
+    if is_linear:
+        shape = f"{workload.m}x{workload.n}x{workload.k}"
+    elif isinstance(workload, QuantWorkload):
+        shape = f"{workload.m}x{workload.k}"
+    else:
+        shape = f"{workload.batch}x{workload.seq_len}"
     return {
         "workload": workload.label,
         "backend": backend.id,
         "dtype": backend.dtype_label(dtype),
         "M": workload.m,
         "N": workload.n if is_linear else None,
-        "K": workload.k if is_linear else None,
+        "K": workload.k if isinstance(workload, (LinearWorkload, QuantWorkload)) else None,
         "device": str(backend.run_device(device)),
         "compiled": backend.compiled,
-        "shape": f"{workload.m}x{workload.n}x{workload.k}" if is_linear else f"{workload.batch}x{workload.seq_len}",
+        "shape": shape,
+        "target": workload.target,
+        "impl": backend.impl(backend.run_device(device)),
     }
 
 
@@ -245,9 +322,10 @@ def _measure_linear(
     timing: TimingConfig,
 ) -> dict[str, Any]:
     m, n, k = workload.m, workload.n, workload.k
-    x = x_hp.to(backend.activation_dtype(dtype))
+    x_raw = x_hp.to(backend.activation_dtype(dtype))
     try:
         with torch.no_grad():
+            x = backend.prepare_input(x_raw)  # x itself, or a pre-quantized input (scaled-mm)
             first = time.perf_counter()
             out = fns[0](x)  # first call: compilation for compiled backends
             _sync(device)
@@ -258,7 +336,7 @@ def _measure_linear(
             out = fns[0](x)  # (M, N)
             _sync(device)
             peak = (
-                (torch.cuda.max_memory_allocated(device) - before + backend.weight_bytes(n, k, dtype) + x.nbytes) / 2**20
+                (torch.cuda.max_memory_allocated(device) - before + backend.weight_bytes(n, k, dtype) + x_raw.nbytes) / 2**20
                 if device.type == "cuda"
                 else float("nan")
             )
@@ -276,15 +354,128 @@ def _measure_linear(
     stats = metrics.latency_stats(times)
     median = stats["latency_ms_median"]
     in_b, w_b, out_b = backend.element_bytes(dtype)
+    moved = metrics.linear_bytes(m, n, k, input_bytes=in_b, weight_bytes=w_b, output_bytes=out_b)
     return {
         **stats,
         "tflops": metrics.tflops(metrics.linear_flops(m, n, k), median),
-        "gbps": metrics.gbps(metrics.linear_bytes(m, n, k, input_bytes=in_b, weight_bytes=w_b, output_bytes=out_b), median),
+        "gbps": metrics.gbps(moved, median),
+        "bytes_moved": moved,
         "rel_error": rel,
         "sqnr_db": sqnr,
         "peak_mem_mb": peak,
         "first_call_s": first_call_s,
         "status": "ok" if not poisoned else "ok (non-finite outputs)",
+    }
+
+
+_GRAPH_QUANT_CALLS = 10  # quantization calls captured per CUDA graph (per-call time = replay / 10)
+
+
+def _run_quant_group(
+    group: list[QuantWorkload],
+    backends: Sequence[Backend],
+    unavailable: dict[str, str | None],
+    device: torch.device,
+    dtype: torch.dtype,
+    timing: TimingConfig,
+    seed: int,
+    bar: tqdm,
+) -> list[dict[str, Any]]:
+    """Every quantization backend on one random activation x [M,K] per workload (not rotated: an
+    8192 x 8192 bf16 x is 128 MB, over the L2; decode sizes are launch-bound by nature)."""
+    from fp8kit.core.scaling import tensor_scale
+
+    rows: list[dict[str, Any]] = []
+    for workload in sorted(group, key=lambda w: (w.k, w.m)):
+        gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + workload.m * 131 + workload.k)
+        x = torch.randn(workload.m, workload.k, generator=gen).to(device=device, dtype=dtype)  # (M, K)
+        static_scale = tensor_scale(x)  # () calibrated on x itself: no clipping
+        x64 = x.double()  # (M, K) reference
+        for backend in backends:
+            row = _base_row(workload, backend, dtype, device)
+            reason = unavailable[backend.id]
+            if reason:
+                row["status"] = _not_run(reason)
+            else:
+                try:
+                    start = time.perf_counter()
+                    fn = backend.build_quant(static_scale)  # type: ignore[attr-defined]
+                    row["setup_s"] = time.perf_counter() - start  # compilation shows in first_call_s
+                    row["bytes_moved"] = backend.quant_bytes(workload.m, workload.k, dtype)  # type: ignore[attr-defined]
+                    row.update(_measure_quant(backend, fn, x, x64, static_scale, device, timing))
+                except Exception as exc:  # noqa: BLE001 - one failing backend must not stop the run
+                    logger.exception("backend %s failed on %s", backend.id, workload.label)
+                    row["status"] = _error_status(exc)
+            rows.append(row)
+            bar.update(1)
+        del x, x64
+        _free(device)
+    return rows
+
+
+def _expected_scale(backend: Backend, x64: torch.Tensor, static_scale: torch.Tensor) -> torch.Tensor | None:
+    """The scale a quantization backend must return for x (float64), None for a copy."""
+    inner = getattr(backend, "inner", backend)
+    activation, granularity = getattr(inner, "activation", "none"), getattr(inner, "granularity", "none")
+    if activation == "static":
+        return static_scale.double()
+    if activation != "dynamic":
+        return None
+    amax = x64.abs().amax(dim=-1, keepdim=True) if granularity == "token" else x64.abs().amax()
+    return amax.clamp(min=1e-12) / 448.0
+
+
+def _measure_quant(
+    backend: Backend,
+    fn: Callable[[torch.Tensor], Any],
+    x: torch.Tensor,
+    x64: torch.Tensor,
+    static_scale: torch.Tensor,
+    device: torch.device,
+    timing: TimingConfig,
+) -> dict[str, Any]:
+    """Check one quantization callable against float64 (dequantized values, scale) and time it."""
+    m, k = x.shape
+    with torch.no_grad():
+        first = time.perf_counter()
+        fn(x)  # first call: compilation / autotuning
+        _sync(device)
+        first_call_s = time.perf_counter() - first
+        out = fn(x)
+        _sync(device)
+        expected = _expected_scale(backend, x64, static_scale)
+        status = "ok"
+        if expected is None:  # copy
+            values = out
+        else:
+            q, scale = out
+            if q.shape != (m, k) or q.dtype != torch.float8_e4m3fn:
+                raise RuntimeError(f"returned {q.dtype} {tuple(q.shape)}, expected float8_e4m3fn {(m, k)}")
+            scale64 = scale.double()
+            if scale64.shape != expected.shape:
+                raise RuntimeError(f"returned a scale of shape {tuple(scale.shape)}, expected {tuple(expected.shape)}")
+            scale_err = ((scale64 - expected).abs() / expected).max().item()
+            if not scale_err <= 1e-6:
+                status = f"error: scale differs from amax / 448 by {scale_err:.2e} (relative)"
+            values = q.double() * scale64  # (M, K) dequantized
+        if not bool(torch.isfinite(values).all()):
+            status = "ok (non-finite outputs)" if status == "ok" else status
+        rel = metrics.rel_error(values, x64)
+        sqnr = metrics.sqnr_db(values, x64)
+        del out, values
+        if backend.cuda_graph:  # several calls per graph so the replay's own launch is amortized
+            times = time_cuda_graph([lambda: fn(x)] * _GRAPH_QUANT_CALLS, device, timing)
+        else:
+            times = time_calls([lambda: fn(x)], device, timing)
+    stats = metrics.latency_stats(times)
+    moved = backend.quant_bytes(m, k, x.dtype)  # type: ignore[attr-defined]
+    return {
+        **stats,
+        "gbps": metrics.gbps(moved, stats["latency_ms_median"]),
+        "rel_error": rel,
+        "sqnr_db": sqnr,
+        "first_call_s": first_call_s,
+        "status": status,
     }
 
 

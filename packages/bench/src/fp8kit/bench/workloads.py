@@ -1,4 +1,5 @@
-"""What is benchmarked: single linear layers (M x N x K) and whole models (prefill).
+"""What is benchmarked: single linear layers (M x N x K), activation quantization kernels (M x K),
+whole models (prefill), and the named suites that bundle them (`SUITES`).
 
 Shapes are written M x N x K everywhere: M rows of activation, N = out_features, K = in_features.
 """
@@ -13,7 +14,12 @@ from fp8kit.core.errors import ConfigError
 
 __all__ = [
     "LinearWorkload",
+    "QuantWorkload",
     "ModelWorkload",
+    "SuitePart",
+    "SUITES",
+    "TARGETS",
+    "suite_parts",
     "SHAPE_PRESETS",
     "M_PRESETS",
     "parse_shape_entries",
@@ -65,10 +71,24 @@ class LinearWorkload:
     m: int
     n: int
     k: int
+    target: str = ""  # which issue target the row serves ("prefill", "decode"); "" outside suites
 
     @property
     def label(self) -> str:
         return f"linear:{self.name}"
+
+
+@dataclass(frozen=True)
+class QuantWorkload:
+    """Quantizing one activation x [M,K] (run dtype) to FP8 E4M3 with its scale(s)."""
+
+    m: int
+    k: int
+    target: str = "quant"
+
+    @property
+    def label(self) -> str:
+        return f"quant:{self.m}x{self.k}"
 
 
 @dataclass(frozen=True)
@@ -82,6 +102,7 @@ class ModelWorkload:
     spec: str
     batch: int
     seq_len: int
+    target: str = ""
 
     @property
     def m(self) -> int:
@@ -147,3 +168,123 @@ def linear_grid(shapes: str, m_values: Sequence[int]) -> list[LinearWorkload]:
         for m_value in (m,) if m is not None else m_values:
             grid.add(LinearWorkload(name, m_value, n, k))
     return sorted(grid, key=lambda w: (w.n, w.k, w.name, w.m))
+
+
+# ---------------------------------------------------------------------------------------------
+# Suites: one CLI command (`python -m fp8kit.bench --suite NAME`) producing every row of a set of
+# targets. Each part is run by its own `run_benchmarks` call (its own backends and weight rotation)
+# and the frames are concatenated; every row carries its part's `target` label.
+
+#: The targets a suite can hold, in run order: quantization kernels, prefill linears, decode linears.
+TARGETS: tuple[str, ...] = ("quant", "prefill", "decode")
+
+
+@dataclass(frozen=True)
+class SuitePart:
+    """One target of a suite: its workloads, backend ids, and weight rotation.
+
+    rotate_bytes: distinct weight bytes each backend cycles through (None: the runner's default,
+    4x the L2 on CUDA); decode parts use several hundred MB so FP8 weights come from HBM.
+    """
+
+    target: str
+    workloads: tuple[LinearWorkload | QuantWorkload, ...]
+    backends: tuple[str, ...]
+    rotate_bytes: int | None = None
+
+
+# Quantization: the Triton path (`scaling.quantize_activation`, what FP8Linear uses on GPU), the
+# old torch path and torch.compile of it, each beside a plain copy of the same tensor.
+_QUANT_SCHEMES = ("dynamic-token", "static-tensor", "dynamic-tensor")
+QUANT_BACKENDS: tuple[str, ...] = ("copy",) + tuple(
+    f"quant-{scheme}{impl}" for scheme in _QUANT_SCHEMES for impl in ("", "-torch", "-torch-compiled")
+)
+# Launch-free variants for the decode sizes (where an eager launch is most of the time).
+QUANT_GRAPH_BACKENDS: tuple[str, ...] = ("copy-graph",) + tuple(f"quant-{s}-graph" for s in _QUANT_SCHEMES)
+
+_FP8_SCHEMES = ("dynamic-token", "static-tensor", "dynamic-tensor")
+FP8_LINEAR_BACKENDS: tuple[str, ...] = tuple(f"fp8-{s}{fa}" for s in _FP8_SCHEMES for fa in ("", "-fastacc"))
+# Bare torch._scaled_mm on pre-quantized inputs: the FP8 GEMM ceiling of each FP8 row
+# (row-wise scales for per-token / per-channel schemes, per-tensor otherwise).
+SCALED_MM_BACKENDS: tuple[str, ...] = tuple(
+    f"scaled-mm-{s}{fa}" for s in ("rowwise", "tensor") for fa in ("", "-fastacc")
+)
+# Eager rows (what the targets name) and CUDA-graph rows beside them (launch overhead removed, so a
+# gap between the two is host time: FP8Linear's Python and launches against a short GEMM).
+LINEAR_BACKENDS: tuple[str, ...] = tuple(
+    b + g for g in ("", "-graph") for b in ("torch-bf16",) + FP8_LINEAR_BACKENDS + SCALED_MM_BACKENDS
+)
+PREFILL_BACKENDS: tuple[str, ...] = LINEAR_BACKENDS
+DECODE_BACKENDS: tuple[str, ...] = LINEAR_BACKENDS
+
+# Llama-3-8B projections (N, K) plus the 8192 x 8192 square of target 2.
+_PREFILL_SHAPES = (
+    ("square-8192", 8192, 8192),
+    ("q_proj/o_proj", 4096, 4096),
+    ("qkv_proj(fused)", 6144, 4096),
+    ("gate_proj/up_proj", 14336, 4096),
+    ("down_proj", 4096, 14336),
+)
+_DECODE_SHAPES = (("gate_proj/up_proj", 14336, 4096), ("down_proj", 4096, 14336))
+_DECODE_M = (1, 8, 16)
+
+
+def _linears(target: str, shapes: Sequence[tuple[str, int, int]], m_values: Sequence[int]) -> tuple[LinearWorkload, ...]:
+    return tuple(LinearWorkload(name, m, n, k, target) for name, n, k in shapes for m in m_values)
+
+
+def _quant(sizes: Sequence[tuple[int, int]]) -> tuple[QuantWorkload, ...]:
+    return tuple(QuantWorkload(m, k) for m, k in sizes)
+
+
+def _cpu_backends(ids: Sequence[str]) -> tuple[str, ...]:
+    """The CPU variant of a part's backends: fp32 baseline, no CUDA graphs, no torch.compile."""
+    out = []
+    for backend_id in ids:
+        if backend_id.endswith("-graph") or backend_id.endswith("-compiled"):
+            continue
+        out.append("torch-fp32" if backend_id == "torch-bf16" else backend_id)
+    return tuple(dict.fromkeys(out))
+
+
+SUITES: dict[str, tuple[SuitePart, ...]] = {
+    # Issue 5, targets 1-3 (about 5 minutes on one H100).
+    "h100-speed": (
+        SuitePart(
+            "quant",
+            _quant([(8192, 8192)] + [(m, 4096) for m in _DECODE_M]),
+            QUANT_BACKENDS + QUANT_GRAPH_BACKENDS,
+        ),
+        SuitePart("prefill", _linears("prefill", _PREFILL_SHAPES, (1024, 4096, 8192)), PREFILL_BACKENDS),
+        SuitePart("decode", _linears("decode", _DECODE_SHAPES, _DECODE_M), DECODE_BACKENDS, rotate_bytes=512 * 2**20),
+    ),
+    # A reduced h100-speed (one shape per target) to check a GPU machine in about a minute.
+    "h100-speed-quick": (
+        SuitePart("quant", _quant([(8192, 8192), (16, 4096)]), QUANT_BACKENDS + QUANT_GRAPH_BACKENDS),
+        SuitePart("prefill", _linears("prefill", _PREFILL_SHAPES[:1], (8192,)), PREFILL_BACKENDS),
+        SuitePart("decode", _linears("decode", _DECODE_SHAPES[:1], (16,)), DECODE_BACKENDS, rotate_bytes=512 * 2**20),
+    ),
+    # The same structure on tiny shapes for CPU runs and tests (seconds).
+    "cpu-speed": (
+        SuitePart("quant", _quant([(64, 256), (1, 256)]), _cpu_backends(QUANT_BACKENDS)),
+        SuitePart("prefill", _linears("prefill", (("square-256", 256, 256),), (32, 64)), _cpu_backends(PREFILL_BACKENDS)),
+        SuitePart("decode", _linears("decode", (("up", 512, 128),), (1, 8)), _cpu_backends(DECODE_BACKENDS), rotate_bytes=2**20),
+    ),
+}
+
+
+def suite_parts(name: str, targets: Sequence[str] | None = None) -> tuple[SuitePart, ...]:
+    """The parts of suite `name`, optionally only those whose target is in `targets`.
+
+    Raises ConfigError naming the unknown suite or target and the accepted values.
+    """
+    if name not in SUITES:
+        raise ConfigError(f"--suite: unknown suite {name!r}; use one of {', '.join(SUITES)}")
+    parts = SUITES[name]
+    if targets is None:
+        return parts
+    wanted = [t.strip() for t in targets if t.strip()]
+    unknown = [t for t in wanted if t not in TARGETS]
+    if unknown or not wanted:
+        raise ConfigError(f"--targets: {', '.join(unknown) or 'nothing'} given; choose from {', '.join(TARGETS)}")
+    return tuple(p for p in parts if p.target in wanted)

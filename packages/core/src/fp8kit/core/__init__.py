@@ -2,8 +2,9 @@
 
 from .checkpoint import load_quantized, save_quantized
 from .config import QuantConfig
-from .errors import CalibrationError, CheckpointError, ConfigError, FP8KitError, ModelLoadError
+from .errors import CalibrationError, CheckpointError, ConfigError, FP8KitError, GraphCaptureError, ModelLoadError
 from .linear import FP8Linear
+from .streaming import quantize_checkpoint
 from .surgery import QuantReport, quantize
 
 __all__ = [
@@ -13,9 +14,11 @@ __all__ = [
     "quantize",
     "save_quantized",
     "load_quantized",
+    "quantize_checkpoint",
     "FP8KitError",
     "ConfigError",
     "CalibrationError",
     "CheckpointError",
     "ModelLoadError",
+    "GraphCaptureError",
 ]

@@ -1,8 +1,14 @@
-"""`python -m fp8kit.core MODEL OUT_DIR [options]`: quantize a model to FP8 and save a vLLM-readable checkpoint."""
+"""`python -m fp8kit.core MODEL OUT_DIR [options]`: quantize a model to FP8 and save a vLLM-readable checkpoint.
+
+A safetensors checkpoint directory quantized with a scheme that needs no calibration (dynamic
+activations) is streamed tensor by tensor (`fp8kit.core.streaming`: memory about one tensor, not
+the model); everything else is loaded whole, quantized and saved (the in-memory path).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -11,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import save_quantized
+from .checkpoint import FORMATS, save_quantized
 from .config import QuantConfig
 from .data import calibration_batches, default_texts, read_text_file
 from .errors import CheckpointError, ConfigError, FP8KitError
@@ -38,19 +44,103 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation", choices=["dynamic", "static"], default="dynamic")
     p.add_argument("--activation-granularity", choices=["tensor", "token"], default="tensor")
     p.add_argument("--weight", choices=["tensor", "channel"], default="tensor")
+    p.add_argument(
+        "--format",
+        choices=list(FORMATS),
+        default="fp8",
+        help="checkpoint format: 'fp8' (AutoFP8 / vLLM, per-tensor weights) or 'compressed-tensors' (float-quantized)",
+    )
     p.add_argument("--kv-cache", action="store_true", help="calibrate static FP8 KV-cache scales")
     p.add_argument("--fast-accum", action="store_true", help="use _scaled_mm's fast accumulation")
     p.add_argument("--calibration-file", type=Path, help="UTF-8 text for calibration (default: built-in text)")
     p.add_argument("--num-samples", type=int, default=32, help="calibration windows (default 32)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--ignore", nargs="*", default=None, help="module names or 're:' patterns to keep in high precision")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="dtype to load the model in")
+    p.add_argument(
+        "--dtype",
+        choices=["fp32", "fp16", "bf16"],
+        default=None,
+        help="dtype to load the model in (in-memory path; default fp32). Streaming keeps each tensor's stored dtype, "
+        "so giving --dtype selects the in-memory path",
+    )
+    p.add_argument("--no-stream", action="store_true", help="load the whole model even where streaming applies")
+    p.add_argument("--device", default=None, help="streaming: where to quantize (default: cuda when available, else cpu)")
+    p.add_argument(
+        "--device-map",
+        default=None,
+        help="in-memory path: accelerate device map for a model larger than the GPU: 'auto', or a JSON object "
+        "of module name -> device ('cuda:0', 'cpu', 'disk'); offloaded layers are calibrated and quantized "
+        "one at a time",
+    )
+    p.add_argument("--offload-folder", type=Path, default=None, help="with --device-map: where accelerate offloads to disk")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     return p
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_device_map(text: str | None) -> str | dict[str, str] | None:
+    """--device-map: None, a name accelerate knows ('auto', 'balanced', ...) or a JSON object."""
+    if text is None or not text.lstrip().startswith("{"):
+        return text
+    try:
+        device_map = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--device-map: not valid JSON: {exc}") from exc
+    if not all(isinstance(k, str) and isinstance(v, (str, int)) for k, v in device_map.items()):
+        raise ConfigError("--device-map: expected a JSON object of module name -> device")
+    return device_map
+
+
+def stream_skip_reason(args: argparse.Namespace, config: QuantConfig) -> str | None:
+    """Why the in-memory path must run for these arguments, or None when streaming applies."""
+    from .checkpoint import read_quantization_config
+    from .streaming import is_safetensors_checkpoint
+
+    if args.no_stream:
+        return "--no-stream"
+    if args.device_map is not None:
+        return "--device-map given"
+    if config.activation == "static" or config.kv_cache:
+        return "static activations / --kv-cache need calibration"
+    if args.dtype is not None:
+        return "--dtype given (streaming keeps the stored dtype)"
+    if not is_safetensors_checkpoint(args.model):
+        return "MODEL is not a directory with config.json and model.safetensors[.index.json]"
+    if read_quantization_config(args.model)[1] is not None:
+        return "MODEL is already quantized"
+    return None
+
+
+def _print_summary(quantized: list[str], skipped: dict[str, str]) -> None:
+    print(f"quantized {len(quantized)} layers, kept {len(skipped)} in high precision:")
+    for name, reason in skipped.items():
+        print(f"  {name}: {reason}")
+
+
+def run_streaming(args: argparse.Namespace, config: QuantConfig) -> int:
+    """Quantize MODEL tensor by tensor into OUT_DIR (`fp8kit.core.streaming`)."""
+    from .streaming import stream_checkpoint
+
+    report = stream_checkpoint(
+        args.model,
+        args.out_dir,
+        config,
+        format=args.format,
+        device=args.device,
+        overwrite=args.overwrite,
+        trust_remote_code=args.trust_remote_code,
+    )
+    _print_summary(report.quantized, report.skipped)
+    ratio = report.bytes_out / max(report.bytes_in, 1)
+    print(f"model bytes: {report.bytes_in / 2**20:.1f} MiB -> {report.bytes_out / 2**20:.1f} MiB ({ratio:.2f}x)")
+    print(
+        f"wrote {args.out_dir} in {report.seconds:.1f} s ({report.tensors_out} tensors, {report.shards_out} shard(s), "
+        f"{report.bytes_in / 1e9 / max(report.seconds, 1e-9):.2f} GB/s read on {report.device})"
+    )
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,19 +156,30 @@ def run(args: argparse.Namespace) -> int:
         use_fast_accum=args.fast_accum,
         **ignore,
     )
-    if config.weight == "channel":
+    if config.weight == "channel" and args.format == "fp8":
         raise ConfigError(
             "--weight channel cannot be saved in the AutoFP8 / vLLM 'fp8' checkpoint format (one scale per weight); "
-            "use --weight tensor (the compressed-tensors format for per-channel scales is planned)"
+            "use --weight tensor, or --format compressed-tensors"
         )
     if args.out_dir.is_dir() and any(args.out_dir.iterdir()) and not args.overwrite:
         raise CheckpointError(f"{args.out_dir}: directory exists and is not empty; pass --overwrite to replace it")
+    reason = stream_skip_reason(args, config)
+    if reason is None:
+        print("path: streaming (tensor by tensor; the model is never loaded whole)")
+        return run_streaming(args, config)
+    print(f"path: in-memory ({reason})")
     texts = None
     if config.activation == "static" or config.kv_cache:
         if args.num_samples < 1 or args.seq_len < 1:
             raise ConfigError(f"--num-samples ({args.num_samples}) and --seq-len ({args.seq_len}) must be positive")
         texts = read_text_file(args.calibration_file) if args.calibration_file else default_texts()[0]
-    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_model(
+        args.model,
+        dtype=DTYPES[args.dtype or "fp32"],
+        trust_remote_code=args.trust_remote_code,
+        device_map=parse_device_map(args.device_map),
+        offload_folder=args.offload_folder,
+    )
     calibration = None
     if texts is not None:
         if tokenizer is None:
@@ -93,10 +194,8 @@ def run(args: argparse.Namespace) -> int:
             + "; ".join(f"{n}: {r}" for n, r in report.skipped.items())
         )
     bytes_after = model_bytes(model)
-    save_quantized(model, args.out_dir, tokenizer, overwrite=args.overwrite)
-    print(f"quantized {len(report.quantized)} layers, kept {len(report.skipped)} in high precision:")
-    for name, reason in report.skipped.items():
-        print(f"  {name}: {reason}")
+    save_quantized(model, args.out_dir, tokenizer, format=args.format, overwrite=args.overwrite)
+    _print_summary(report.quantized, report.skipped)
     if report.kv_cache_layers:
         print(f"KV-cache scales for {len(report.kv_cache_layers)} attention layers")
     print(f"model bytes: {bytes_before / 2**20:.1f} MiB -> {bytes_after / 2**20:.1f} MiB ({bytes_after / bytes_before:.2f}x)")

@@ -13,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import CalibrationError
+from .offload import execution_device
 
 __all__ = ["CalibrationStats", "calibrate", "as_model_inputs"]
 
@@ -45,6 +46,23 @@ def as_model_inputs(batch: CalibrationBatch, device: torch.device) -> dict[str, 
             f"calibration item of type {type(batch).__name__} is not a tensor of input ids or a dict of model inputs"
         )
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _check_item(index: int, inputs: dict[str, Any], vocab_size: int | None) -> None:
+    """Reject calibration item `index` when it has no tokens or token ids outside the vocabulary."""
+    ids = inputs.get("input_ids")
+    if not isinstance(ids, torch.Tensor):
+        return
+    if ids.numel() == 0:
+        raise CalibrationError(f"calibration item {index}: input_ids of shape {tuple(ids.shape)} holds no tokens")
+    if ids.is_floating_point() or ids.is_complex():
+        raise CalibrationError(f"calibration item {index}: input_ids must be integer token ids, got {ids.dtype}")
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or (vocab_size is not None and high >= vocab_size):
+        raise CalibrationError(
+            f"calibration item {index}: token ids span [{low}, {high}], outside the model's vocabulary "
+            f"[0, {vocab_size}): tokenized with another model's tokenizer?"
+        )
 
 
 def _update_max(store: dict, key: Any, value: torch.Tensor) -> None:
@@ -116,12 +134,14 @@ def calibrate(
         return hook
 
     handles = [modules[name].register_forward_pre_hook(make_hook(name)) for name in layer_names]
-    device = next(model.parameters()).device
+    device = execution_device(model)  # offloaded (accelerate) models: where their hooks run the forward
     was_training = model.training
     model.eval()
     try:
-        for batch in tqdm(calibration, desc="Calibrating", unit="batch"):
+        vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+        for index, batch in enumerate(tqdm(calibration, desc="Calibrating", unit="batch")):
             inputs = as_model_inputs(batch, device)
+            _check_item(index, inputs, vocab_size)
             mask = inputs.get("attention_mask")
             state["mask"] = mask.bool() if mask is not None else None
             if kv_cache:
@@ -140,6 +160,11 @@ def calibrate(
         model.train(was_training)
     if stats.batches == 0:
         raise CalibrationError("calibration data is empty: give at least one batch of model inputs")
+    if layer_names and not stats.input_amax:
+        raise CalibrationError(
+            f"calibration: none of the {len(layer_names)} layers saw an unmasked input position in {stats.batches} "
+            "batch(es): is every position masked out (attention_mask all 0)?"
+        )
     for name, amax in stats.input_amax.items():
         if not torch.isfinite(amax):
             raise CalibrationError(f"layer {name}: calibration saw a non-finite input absmax ({amax.item()})")

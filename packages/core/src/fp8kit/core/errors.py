@@ -8,6 +8,7 @@ __all__ = [
     "CalibrationError",
     "CheckpointError",
     "ModelLoadError",
+    "GraphCaptureError",
 ]
 
 
@@ -29,3 +30,7 @@ class CheckpointError(FP8KitError):
 
 class ModelLoadError(FP8KitError):
     """A model path or file cannot be loaded, or its weights are unusable (NaN / Inf)."""
+
+
+class GraphCaptureError(FP8KitError, RuntimeError):
+    """A callable cannot be captured as a CUDA graph, or a replay got inputs unlike the captured ones."""

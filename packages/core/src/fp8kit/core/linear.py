@@ -73,11 +73,9 @@ class FP8Linear(nn.Module):
             device=weight_hp.device,
             dtype=weight_hp.dtype,
         )
-        if config.weight == "channel":
-            weight_scale = scaling.rowwise_scale(weight_hp)  # (N, 1)
-        else:
-            weight_scale = scaling.tensor_scale(weight_hp)  # ()
-        new.weight.copy_(scaling.quantize(weight_hp, weight_scale))
+        # Triton kernels on a GPU (no fp32 temporaries), else torch: weight_scale (N, 1) or ().
+        weight_fp8, weight_scale = scaling.quantize_weight(weight_hp, config.weight)
+        new.weight.copy_(weight_fp8)
         new.weight_scale.copy_(weight_scale)
         if config.activation == "static":
             if input_scale is None:
@@ -96,9 +94,10 @@ class FP8Linear(nn.Module):
         return scaling.tensor_scale(x2d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2d = x.reshape(-1, self.in_features)  # (M, K), M = prod(leading dims)
-        x_scale = self.input_scale_for(x2d)
-        x_fp8 = scaling.quantize(x2d, x_scale)
+        flat = x.dim() == 2  # (M, K) already: no reshapes (each costs host time in eager decode)
+        x2d = x if flat else x.reshape(-1, self.in_features)  # (M, K), M = prod(leading dims)
+        # Triton kernels on GPU in eager; the torch reference ops under torch.compile.
+        x_fp8, x_scale = scaling.quantize_activation(x2d, self.activation_granularity, self.input_scale)
         out = scaling.fp8_matmul(
             x_fp8,
             self.weight,
@@ -108,7 +107,7 @@ class FP8Linear(nn.Module):
             out_dtype=x.dtype,
             use_fast_accum=self.use_fast_accum,
         )  # (M, N)
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return out if flat else out.reshape(*x.shape[:-1], self.out_features)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
         kept = {name: self._buffers.pop(name) for name in _FIXED_DTYPE_BUFFERS if name in self._buffers}

@@ -14,6 +14,7 @@ from torch import nn
 
 from .checkpoint import load_quantized, read_quantization_config
 from .errors import CheckpointError, ModelLoadError
+from .files import check_safetensors_dir
 
 __all__ = ["DEFAULT_MODEL", "default_gguf_path", "load_model", "is_fp8_checkpoint"]
 
@@ -36,16 +37,17 @@ def default_gguf_path() -> Path:
 
 
 def is_fp8_checkpoint(path: Path) -> bool:
-    """True for a directory whose config.json has an 'fp8' quantization_config."""
+    """True for a directory whose config.json has an 'fp8' or 'compressed-tensors' quantization_config."""
     if not (path / "config.json").is_file():
         return False
     _, qc = read_quantization_config(path)
-    return isinstance(qc, dict) and qc.get("quant_method") == "fp8"
+    return isinstance(qc, dict) and qc.get("quant_method") in ("fp8", "compressed-tensors")
 
 
 def _load_tokenizer(directory: Path, **kwargs: Any) -> Any:
     from transformers import AutoTokenizer
 
+    kwargs.setdefault("trust_remote_code", False)  # explicit: never an interactive prompt, never shipped code
     try:
         return AutoTokenizer.from_pretrained(str(directory), **kwargs)
     except (OSError, ValueError, TypeError) as exc:
@@ -53,12 +55,41 @@ def _load_tokenizer(directory: Path, **kwargs: Any) -> Any:
         return None
 
 
+def _check_shapes(cls: type, config: Any, headers: dict[str, tuple[Path, dict[str, Any]]]) -> None:
+    """Compare the tensor shapes in the safetensors headers with the model `config` describes (meta device)."""
+    from accelerate import init_empty_weights
+
+    try:
+        with init_empty_weights():
+            expected = {name: tuple(t.shape) for name, t in cls._from_config(config).state_dict().items()}
+    except Exception as exc:  # noqa: BLE001 - a pre-check only: transformers reports its own errors below
+        logger.debug("shape pre-check skipped: cannot build %s on meta: %s", cls.__name__, exc)
+        return
+    for name, (file, entry) in sorted(headers.items()):
+        want = expected.get(name)
+        if want is not None and want != tuple(entry["shape"]):
+            raise ModelLoadError(
+                f"{file}: tensor {name} has shape {tuple(entry['shape'])} but config.json describes a model that expects "
+                f"{want} (config.json does not match the weights)"
+            )
+
+
 def load_model(
-    spec: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+    spec: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    *,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, Any] | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> tuple[nn.Module, Any]:
     """(model in eval mode, tokenizer or None) for `spec`: "default", a .gguf file or a model directory.
 
     An fp8kit / AutoFP8 checkpoint directory comes back already quantized (`FP8Linear` layers).
+    `device_map` / `max_memory` / `offload_folder` go to accelerate through `from_pretrained` for
+    Hugging Face directories (e.g. ``device_map="auto"`` to offload a model larger than the GPU to CPU
+    and disk; `quantize` and `save_quantized` handle offloaded layers one at a time).
+    Model code shipped with a checkpoint (`auto_map`) runs only with `trust_remote_code`.
     """
     import transformers
     from safetensors import SafetensorError
@@ -76,20 +107,31 @@ def load_model(
             return model.eval(), tokenizer
         if is_fp8_checkpoint(path):
             model = load_quantized(path, trust_remote_code=trust_remote_code)
-            return model, _load_tokenizer(path)
+            return model, _load_tokenizer(path, trust_remote_code=trust_remote_code)
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path}: a model directory needs a config.json")
         if not any(path.glob("*.safetensors")):
             raise ModelLoadError(f"{path}: no .safetensors weights (fp8kit never loads pickled .bin/.pt weights)")
+        config_dict, _ = read_quantization_config(path)
+        arch = (config_dict.get("architectures") or [None])[0]
+        if not trust_remote_code and (not isinstance(arch, str) or getattr(transformers, arch, None) is None):
+            auto_map = config_dict.get("auto_map")
+            code = f"; its config.json declares custom code (auto_map: {sorted(auto_map)})" if auto_map else ""
+            raise ModelLoadError(
+                f"{path / 'config.json'}: architecture {arch!r} is not in transformers{code}. fp8kit runs code shipped with "
+                "a model only with --trust-remote-code (trust_remote_code=True in Python): pass it only if you trust that code"
+            )
+        headers = check_safetensors_dir(path)  # truncated / corrupt / missing shards named with file and tensor
         config = transformers.AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-        arch = (config.architectures or [None])[0]
-        cls = getattr(transformers, arch, None) if arch else None
+        cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
         if cls is None:
-            if not trust_remote_code:
-                raise ModelLoadError(f"{path}: architecture {arch!r} is not in transformers; pass trust_remote_code=True if you trust it")
-            cls = transformers.AutoModel
-        model = cls.from_pretrained(str(path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
-        return model.eval(), _load_tokenizer(path)
+            cls = transformers.AutoModelForCausalLM
+        else:
+            _check_shapes(cls, config, headers)
+        offload = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
+        offload = {k: v for k, v in offload.items() if v is not None}
+        model = cls.from_pretrained(str(path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **offload)
+        return model.eval(), _load_tokenizer(path, trust_remote_code=trust_remote_code)
     except (ModelLoadError, CheckpointError):
         raise
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:

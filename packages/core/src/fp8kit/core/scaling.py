@@ -13,6 +13,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from . import kernels
+
 __all__ = [
     "FP8_DTYPE",
     "FP8_MAX",
@@ -21,6 +23,8 @@ __all__ = [
     "tensor_scale",
     "rowwise_scale",
     "quantize",
+    "quantize_activation",
+    "quantize_weight",
     "dequantize",
     "fp8_matmul",
     "scaled_mm_unsupported_reason",
@@ -33,11 +37,18 @@ FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
 AMAX_FLOOR = 1e-12  # keeps the scale of an all-zero tensor positive
 
 _warned: set[str] = set()
+_UNKNOWN = object()
 
 
 def amax_to_scale(amax: torch.Tensor) -> torch.Tensor:
-    """fp32 dequantization scale(s) ``max(amax, 1e-12) / 448``, same shape as `amax`."""
-    return amax.float().clamp(min=AMAX_FLOOR) / FP8_MAX
+    """fp32 dequantization scale(s) ``max(amax, 1e-12) / 448``, same shape as `amax`.
+
+    Correctly rounded (IEEE) division on every device: the divisor is a tensor on amax's device,
+    because CUDA torch turns division by a Python scalar into a multiply by its reciprocal, which
+    is off by one ulp for some amax (the Triton kernels in `kernels` compute the same IEEE value).
+    """
+    amax_fp32 = amax.float().clamp(min=AMAX_FLOOR)
+    return amax_fp32 / amax_fp32.new_full((), FP8_MAX)
 
 
 def tensor_scale(x: torch.Tensor) -> torch.Tensor:
@@ -57,13 +68,77 @@ def rowwise_scale(x: torch.Tensor) -> torch.Tensor:
     return amax_to_scale(x.abs().amax(dim=-1, keepdim=True))
 
 
-def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,
+) -> torch.Tensor:
     """float8_e4m3fn ``clamp(x / scale, -448, 448)``; `scale` broadcasts against `x`.
 
     Clamping before the cast saturates out-of-range values instead of relying on the
     cast's (library-dependent) overflow behaviour. NaN stays NaN.
+    out (float8_e4m3fn) and workspace (fp32), both shaped like `x`, are optional buffers that
+    only save allocations (same bits): `fp8kit.core.streaming` reuses them across row blocks.
     """
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    if out is None and workspace is None:
+        return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    x_fp32 = x.to(torch.float32, copy=True) if workspace is None else workspace.copy_(x)
+    x_fp32.div_(scale).clamp_(-FP8_MAX, FP8_MAX)  # fp32 / fp32 in place: the same IEEE ops as above
+    return x_fp32.to(FP8_DTYPE) if out is None else out.copy_(x_fp32)
+
+
+def quantize_activation(
+    x2d: torch.Tensor, granularity: str = "tensor", scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize an activation x2d [M, K]: returns (fp8 [M, K], scale).
+
+    With `scale` (fp32, one element): static, the same scale is returned. Without: dynamic, with
+    `granularity` "tensor" (scale fp32 []) or "token" (scale fp32 [M, 1]). Runs the Triton kernels
+    of `kernels` where they can run (CUDA, compute capability >= 8.9, triton importable), else the
+    torch reference (`tensor_scale` / `rowwise_scale` + `quantize`); both give identical bits.
+    Under `torch.compile` it is always the torch reference: the compiler fuses those ops itself
+    (near the memory floor) and traces them without graph breaks.
+    """
+    fast = not torch.compiler.is_compiling() and kernels.unavailable_reason(x2d.device) is None
+    if scale is not None:
+        if fast:
+            if scale.dtype != torch.float32 or scale.device != x2d.device:
+                scale = scale.to(device=x2d.device, dtype=torch.float32)
+            return kernels.quantize_static(x2d, scale), scale
+        return quantize(x2d, scale), scale
+    if granularity == "token":
+        if fast:
+            return kernels.quantize_per_token(x2d)
+        x_scale = rowwise_scale(x2d)
+    elif granularity == "tensor":
+        if fast:
+            return kernels.quantize_per_tensor(x2d)
+        x_scale = tensor_scale(x2d)
+    else:
+        raise ValueError(f"quantize_activation: granularity must be 'tensor' or 'token', got {granularity!r}")
+    return quantize(x2d, x_scale), x_scale
+
+
+def quantize_weight(weight_hp: torch.Tensor, granularity: str = "tensor") -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a weight [N, K]: returns (fp8 [N, K], scale fp32 [] or, for "channel", [N, 1]).
+
+    On a GPU the Triton kernels allocate only the fp8 output (the torch path makes several fp32
+    temporaries of the weight's size); results are identical. Under `torch.compile`: the torch path.
+    """
+    if granularity not in ("tensor", "channel"):
+        raise ValueError(f"quantize_weight: granularity must be 'tensor' or 'channel', got {granularity!r}")
+    if (
+        not torch.compiler.is_compiling()
+        and weight_hp.dim() == 2
+        and kernels.unavailable_reason(weight_hp.device) is None
+    ):
+        if granularity == "channel":
+            return kernels.quantize_per_token(weight_hp)  # one scale per output row
+        return kernels.quantize_per_tensor(weight_hp)
+    scale = rowwise_scale(weight_hp) if granularity == "channel" else tensor_scale(weight_hp)
+    return quantize(weight_hp, scale), scale
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -71,16 +146,34 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.
     return (q.float() * scale).to(dtype)
 
 
+_scaled_mm_reasons: dict[torch.device, str | None] = {}
+
+#: Row-wise scaled GEMMs with at most this many rows (M) take the skinny path on CUDA: a per-tensor
+#: `_scaled_mm` with unit scales and fp32 output, then `kernels.scale_epilogue` (see `fp8_matmul`).
+#: 0 switches it off. Measured on an H100 (docs/dev/kernels-notes.md, tools/gpu/skinny_check.py).
+ROWWISE_SKINNY_MAX_M = 16
+_unit_scales: dict[torch.device, torch.Tensor] = {}  # fp32 [] 1.0 per CUDA device
+
+
+@torch.compiler.assume_constant_result  # a fact about the device: torch.compile evaluates it once
 def scaled_mm_unsupported_reason(device: torch.device) -> str | None:
-    """Why `torch._scaled_mm` cannot run on `device`, or None when it can."""
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        if (major, minor) < (8, 9):
-            name = torch.cuda.get_device_name(device)
-            return f"{name} has compute capability {major}.{minor}; FP8 GEMMs need 8.9 or newer"
-    elif device.type != "cpu":
-        return f"torch._scaled_mm is not available on device type {device.type!r}"
-    return None
+    """Why `torch._scaled_mm` cannot run on `device`, or None when it can (cached per device)."""
+    if device.type == "cpu":
+        return None
+    reason = _scaled_mm_reasons.get(device, _UNKNOWN)
+    if reason is _UNKNOWN:
+        reason = None
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            major, minor = torch.cuda.get_device_capability(index)
+            if (major, minor) < (8, 9):
+                name = torch.cuda.get_device_name(index)
+                reason = f"{name} has compute capability {major}.{minor}; FP8 GEMMs need 8.9 or newer"
+        else:
+            reason = f"torch._scaled_mm is not available on device type {device.type!r}"
+        if device.type != "cuda" or device.index is not None:  # "cuda" alone follows the current device
+            _scaled_mm_reasons[device] = reason
+    return reason
 
 
 def _warn_once(reason: str) -> None:
@@ -104,6 +197,67 @@ def _reference_matmul(
     return out.to(out_dtype)
 
 
+def _unit_scale(device: torch.device) -> torch.Tensor | None:
+    """Cached fp32 [] 1.0 on `device`; None when it does not exist yet and the stream is capturing a
+    CUDA graph (a tensor made during capture holds its value only in the graph's replays)."""
+    one = _unit_scales.get(device)
+    if one is None:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        one = _unit_scales[device] = torch.tensor(1.0, dtype=torch.float32, device=device)  # synchronous copy
+    return one
+
+
+def _skinny_rowwise_matmul(
+    x_fp8: torch.Tensor,
+    weight_fp8: torch.Tensor,
+    x_scale: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    use_fast_accum: bool,
+    compiling: bool,
+) -> torch.Tensor | None:
+    """Row-wise scaled GEMM for small M on CUDA as unit-scale `_scaled_mm` (fp32 out) + scale epilogue.
+
+    torch's row-wise `_scaled_mm` (CUTLASS) picks slow tiles at decode sizes (up to ~1.8x the
+    per-tensor cuBLAS GEMM on H100 for 4096x14336); the per-tensor GEMM with unit scales gives the
+    exact fp32 accumulator, the epilogue applies ``x_scale[m] * weight_scale[n] (+ bias[n])``.
+    Not bit-identical to CUTLASS's epilogue (rounding order), equally accurate against float64.
+    Returns None where this path does not apply (the caller then takes the plain row-wise path).
+    """
+    m, n = x_fp8.shape[0], weight_fp8.shape[0]
+    if (
+        x_scale.dtype != torch.float32
+        or weight_scale.dtype != torch.float32
+        or x_scale.numel() not in (1, m)
+        or weight_scale.numel() not in (1, n)
+        or out_dtype not in (torch.bfloat16, torch.float16, torch.float32)
+        or (bias is not None and bias.numel() != n)
+    ):
+        return None
+    weight_t = weight_fp8.t()
+    if compiling:  # plain ops: Inductor fuses the epilogue itself
+        one = torch.ones((), dtype=torch.float32, device=x_fp8.device)
+        acc = torch._scaled_mm(x_fp8, weight_t, one, one, out_dtype=torch.float32, use_fast_accum=use_fast_accum)
+        out = acc * x_scale.reshape(-1, 1) * weight_scale.reshape(1, -1)
+        if bias is not None:
+            out = out + bias.float()
+        return out.to(out_dtype)
+    if kernels.unavailable_reason(x_fp8.device) is not None:
+        return None
+    one = _unit_scale(x_fp8.device)
+    if one is None:
+        return None
+    try:
+        acc = torch._scaled_mm(x_fp8, weight_t, one, one, out_dtype=torch.float32, use_fast_accum=use_fast_accum)
+    except RuntimeError:  # the row-wise path retries and falls back with a warning
+        return None
+    if isinstance(acc, tuple):  # torch < 2.5 returned (out, amax)
+        acc = acc[0]
+    return kernels.scale_epilogue(acc, x_scale, weight_scale, bias, out_dtype)
+
+
 def fp8_matmul(
     x_fp8: torch.Tensor,
     weight_fp8: torch.Tensor,
@@ -120,43 +274,61 @@ def fp8_matmul(
     [N,1]; bias: [N] or None. Per-tensor and row-wise scales mix freely: `_scaled_mm` needs both
     per-tensor or both row-wise, so a per-tensor scale is expanded when the other is row-wise.
     Falls back (with one logged warning) to dequantize + `F.linear` where `_scaled_mm` cannot run.
+    On CUDA, row-wise scales with M <= `ROWWISE_SKINNY_MAX_M` take a faster skinny path (per-tensor
+    `_scaled_mm` with unit scales to fp32, then a one-launch Triton scale epilogue; plain torch ops
+    under `torch.compile`): the same math, not bit-identical to the row-wise `_scaled_mm`.
     """
     m, n = x_fp8.shape[0], weight_fp8.shape[0]
     if m == 0:
         return torch.zeros(0, n, dtype=out_dtype, device=x_fp8.device)
+    compiling = torch.compiler.is_compiling()
     reason = scaled_mm_unsupported_reason(x_fp8.device)
     if reason is not None:
-        _warn_once(reason)
+        if not compiling:  # logging would break the graph
+            _warn_once(reason)
         return _reference_matmul(x_fp8, weight_fp8, x_scale, weight_scale, bias, out_dtype)
 
     scale_a, scale_b = x_scale, weight_scale
-    if scale_a.dim() or scale_b.dim():  # row-wise: scale_a [M,1], scale_b [1,N], both contiguous
-        scale_a = scale_a.expand(m, 1).contiguous()
-        scale_b = scale_b.reshape(1, -1).expand(1, n).contiguous()
+    rowwise = scale_a.dim() or scale_b.dim()
+    if rowwise and m <= ROWWISE_SKINNY_MAX_M and x_fp8.is_cuda:
+        out = _skinny_rowwise_matmul(
+            x_fp8, weight_fp8, x_scale, weight_scale, bias, out_dtype, use_fast_accum, compiling
+        )
+        if out is not None:
+            return out
+    if rowwise:  # row-wise: scale_a [M,1], scale_b [1,N], both contiguous (no copy when already so)
+        if scale_a.shape != (m, 1) or not scale_a.is_contiguous():
+            scale_a = scale_a.expand(m, 1).contiguous()
+        scale_b = scale_b.reshape(1, -1)  # [N,1] -> [1,N] is a free view
+        if scale_b.shape[1] != n or not scale_b.is_contiguous():
+            scale_b = scale_b.expand(1, n).contiguous()
+    is_cuda = x_fp8.is_cuda
     gemm_dtype = out_dtype
-    if x_fp8.is_cuda and scale_a.dim() and out_dtype == torch.float16:
+    if is_cuda and rowwise and out_dtype == torch.float16:
         # Row-wise scaling with fp16 output came out with bf16-level error on H100 (torch 2.11):
         # take fp32 from the GEMM and round once.
         gemm_dtype = torch.float32
     # On CUDA a bias must be bf16/fp16 and is rejected with fp32 output: add it after the GEMM.
     fused_bias = bias
-    if bias is not None and x_fp8.is_cuda and (gemm_dtype == torch.float32 or bias.dtype != gemm_dtype):
+    if bias is not None and is_cuda and (gemm_dtype == torch.float32 or bias.dtype != gemm_dtype):
         fused_bias = None
-    try:
+    weight_t = weight_fp8.t()  # (K, N) column-major view, no copy
+    if compiling:  # traced as is; the eager fallback on a rejected shape needs a real call
         out = torch._scaled_mm(
-            x_fp8,
-            weight_fp8.t(),  # (K, N) column-major view, no copy
-            scale_a,
-            scale_b,
-            bias=fused_bias,
-            out_dtype=gemm_dtype,
-            use_fast_accum=use_fast_accum,
+            x_fp8, weight_t, scale_a, scale_b, bias=fused_bias, out_dtype=gemm_dtype, use_fast_accum=use_fast_accum
         )
-    except RuntimeError as exc:
-        _warn_once(f"torch._scaled_mm rejected {tuple(x_fp8.shape)} x {tuple(weight_fp8.shape)} -> {out_dtype}: {exc}")
-        return _reference_matmul(x_fp8, weight_fp8, x_scale, weight_scale, bias, out_dtype)
+    else:
+        try:
+            out = torch._scaled_mm(
+                x_fp8, weight_t, scale_a, scale_b, bias=fused_bias, out_dtype=gemm_dtype, use_fast_accum=use_fast_accum
+            )
+        except RuntimeError as exc:
+            _warn_once(
+                f"torch._scaled_mm rejected {tuple(x_fp8.shape)} x {tuple(weight_fp8.shape)} -> {out_dtype}: {exc}"
+            )
+            return _reference_matmul(x_fp8, weight_fp8, x_scale, weight_scale, bias, out_dtype)
     if isinstance(out, tuple):  # torch < 2.5 returned (out, amax)
         out = out[0]
     if bias is not None and fused_bias is None:
         out = out.float() + bias.float()
-    return out.to(out_dtype)
+    return out if out.dtype == out_dtype else out.to(out_dtype)

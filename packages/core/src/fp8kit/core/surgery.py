@@ -14,6 +14,7 @@ from .calibration import CalibrationBatch, calibrate
 from .config import QuantConfig
 from .errors import CalibrationError, ConfigError, ModelLoadError
 from .linear import FP8Linear
+from .offload import is_offloaded, materialized, reoffload_like
 from .scaling import amax_to_scale
 
 __all__ = ["QuantReport", "quantize", "select_linears", "attach_kv_scales"]
@@ -30,8 +31,15 @@ class QuantReport:
     kv_cache_layers: list[str] = field(default_factory=list)
 
 
-def select_linears(model: nn.Module, config: QuantConfig) -> tuple[list[str], dict[str, str]]:
-    """Names of the `nn.Linear` layers to quantize, and the others with the reason they stay."""
+def select_linears(
+    model: nn.Module, config: QuantConfig, *, check_weights: bool = True
+) -> tuple[list[str], dict[str, str]]:
+    """Names of the `nn.Linear` layers to quantize, and the others with the reason they stay.
+
+    The selection depends only on names and shapes (`config.ignore`, K and N multiples of 16), so it
+    also works on a module tree built on the meta device: pass ``check_weights=False`` there to skip
+    the weight checks (on the meta device, finite values) that need real weights.
+    """
     targets: list[str] = []
     skipped: dict[str, str] = {}
     for name, module in model.named_modules():
@@ -42,6 +50,10 @@ def select_linears(model: nn.Module, config: QuantConfig) -> tuple[list[str], di
             skipped[name] = "ignored by config"
         elif k % 16 or n % 16:
             skipped[name] = f"K={k} or N={n} is not a multiple of 16 (torch._scaled_mm needs both)"
+        elif not check_weights:
+            targets.append(name)
+        elif is_offloaded(module):  # accelerate offload: weights checked when materialized for quantization
+            targets.append(name)
         elif module.weight.is_meta:
             raise ModelLoadError(f"layer {name}: weight is on the meta device (offloaded?); load it before quantizing")
         elif not torch.isfinite(module.weight).all():
@@ -113,7 +125,13 @@ def quantize(
     modules = dict(model.named_modules())
     for name in tqdm(targets, desc="Quantizing", unit="layer", disable=len(targets) < 8):
         old = modules.pop(name)
-        _replace(model, old, FP8Linear.from_linear(old, config, input_scales.get(name)))
+        with materialized(old) as hook:  # offloaded (accelerate): real weights on the execution device meanwhile
+            if hook is not None and not torch.isfinite(old.weight).all():
+                raise ModelLoadError(f"layer {name}: weight {tuple(old.weight.shape)} contains NaN or Inf")
+            new = FP8Linear.from_linear(old, config, input_scales.get(name))
+        if hook is not None:
+            reoffload_like(new, hook)  # the FP8 tensors go back to the offload map (CPU), not the GPU
+        _replace(model, old, new)
         del old
         report.quantized.append(name)
     for name, reason in skipped.items():

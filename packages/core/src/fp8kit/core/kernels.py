@@ -1,0 +1,521 @@
+"""Triton kernels that quantize a 2-D tensor to FP8 E4M3 near the memory floor.
+
+Bit-identical to the torch reference in `scaling` (``scale = max(amax, 1e-12) / 448`` with IEEE fp32
+division, ``q = cast_fp8(clamp(x / scale, -448, 448))``, NaN propagated like ``torch.amax``):
+
+- `quantize_per_token`: one launch; one scale per row.
+- `quantize_per_tensor`: one launch up to 2^15 elements (decode sizes: every program reduces the
+  whole small tensor, then quantizes its slice), else two (per-program partial amax, then
+  quantize); the scale stays on the device (no host sync, CUDA-graph capturable).
+- `quantize_static`: one launch with a given scale.
+- `scale_epilogue`: one launch, ``out = acc * x_scale[m] * w_scale[n] (+ bias[n])`` cast to
+  bf16 / fp16 / fp32; `scaling.fp8_matmul` runs it after a unit-scale `_scaled_mm` with fp32
+  output for skinny row-wise GEMMs (see there).
+
+amax is reduced on the int32 bit patterns of ``|x|`` in fp32: for non-negative floats the integer
+order is the float order, and every NaN pattern sorts above +inf, so a NaN anywhere makes the amax
+NaN exactly as ``torch.amax`` does. Triton is imported on first use only (`fp8kit.core` imports
+without it); inputs must be contiguous or are copied to a contiguous tensor first.
+"""
+
+from __future__ import annotations
+
+import struct
+from types import SimpleNamespace
+
+import torch
+
+__all__ = ["unavailable_reason", "quantize_per_token", "quantize_per_tensor", "quantize_static", "scale_epilogue"]
+
+_FP8_DTYPE = torch.float8_e4m3fn
+_FP8_MAX = 448.0  # == scaling.FP8_MAX (checked by the tests)
+_AMAX_FLOOR = 1e-12  # == scaling.AMAX_FLOOR
+_FLOOR_BITS = struct.unpack("<i", struct.pack("<f", _AMAX_FLOOR))[0]  # int32 pattern of fp32(1e-12)
+_INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_OUT_DTYPES = (_FP8_DTYPE, torch.float32)  # float32: the clamped values before the cast (tests)
+
+# Tuning (H100; see docs/dev/kernels-notes.md). Module attributes so tests can shrink them.
+_MAX_ONE_PASS_K = 16384  # rows up to this long are held in registers (read once); longer rows loop twice
+_LOOP_BLOCK_K = 4096
+_SMALL_NUMEL = 1 << 15  # per-tensor: up to this many elements, one launch (each program reduces it all)
+_SMALL_BLOCK_A = 32768  # elements per amax step of that one-launch kernel
+_SMALL_SLICE = 2048  # elements each of its programs quantizes
+_FLAT_BLOCK = 8192  # elements per program of the flat (static / per-tensor) kernels on large tensors
+_FLAT_BLOCK_SMALL = 1024  # ... on tensors under _FLAT_SMALL_NUMEL: more programs for decode sizes
+_FLAT_SMALL_NUMEL = 1 << 22
+_PARTIALS_PER_SM = 4
+_EPILOGUE_BLOCK_N = 512  # output columns per program of the scale epilogue (one row per program)
+_EPILOGUE_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+triton = None  # bound by _build(), with tl and the @triton.jit helpers below
+tl = None
+_abs_bits = _scale_from_bits = _quantize = None
+
+# Host-side caches (plain dicts, not functools caches: cheaper per call, and nothing here is
+# reached under torch.compile, where `scaling` dispatches to the torch reference ops instead).
+_UNKNOWN = object()
+_reasons: dict[torch.device, str | None] = {}  # unavailable_reason per device (cuda devices with an index)
+_import_error: object = _UNKNOWN  # _triton_import_error() once
+_kernels: SimpleNamespace | None = None  # _build() once
+_sms: dict[torch.device, int] = {}
+
+# Direct launch (see `_launch`): cached CompiledKernel per specialization key. Switch off to use
+# Triton's own launcher on every call (same kernels, same bits; ~10-20 µs more host time a call).
+DIRECT_LAUNCH = True
+_DIRECT_LAUNCH_VERSIONS = {(3, 6)}  # (major, minor) verified bit-exact on an H100 by tests/core/test_kernels_cuda.py
+_launchers: dict[tuple, tuple] = {}
+_driver = SimpleNamespace(ok=False)  # bound by _build(): current device / stream getters, launch hooks
+
+
+def _triton_import_error() -> str | None:
+    global _import_error
+    if _import_error is _UNKNOWN:
+        try:
+            import triton as _t  # noqa: F401
+            import triton.language  # noqa: F401
+        except Exception as exc:  # ImportError, or a broken install
+            _import_error = f"{type(exc).__name__}: {exc}"
+        else:
+            _import_error = None
+    return _import_error
+
+
+def _cuda_reason(index: int) -> str | None:
+    major, minor = torch.cuda.get_device_capability(index)
+    if (major, minor) < (8, 9):
+        name = torch.cuda.get_device_name(index)
+        return f"{name} has compute capability {major}.{minor}; FP8 kernels need 8.9 or newer"
+    error = _triton_import_error()
+    if error is not None:
+        return f"triton is not importable ({error}); install triton to use the FP8 kernels"
+    return None
+
+
+def unavailable_reason(device: torch.device | str) -> str | None:
+    """Why the Triton FP8 kernels cannot run on `device`, or None when they can.
+
+    They need a CUDA device of compute capability >= 8.9 and an importable `triton`. The answer
+    is cached per device (a tensor's device, e.g. ``cuda:0``): one dict lookup per call.
+    """
+    reason = _reasons.get(device, _UNKNOWN) if type(device) is torch.device else _UNKNOWN
+    if reason is not _UNKNOWN:
+        return reason
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"Triton FP8 kernels need a CUDA device, not {device.type!r}"
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    if device.index is None:  # "cuda": the current device, which may change; cache under its index
+        device = torch.device("cuda", torch.cuda.current_device())
+    reason = _reasons.get(device, _UNKNOWN)
+    if reason is _UNKNOWN:
+        reason = _reasons[device] = _cuda_reason(device.index)
+    return reason
+
+
+def _build() -> SimpleNamespace:
+    """Import triton and define the kernels (once; `TRITON_INTERPRET` is read here)."""
+    if _kernels is None:
+        _define_kernels()
+    return _kernels
+
+
+def _define_kernels() -> None:
+    # Names the kernels call must be module globals: Triton resolves them there, not in closures.
+    global triton, tl, _abs_bits, _scale_from_bits, _quantize, _kernels
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _abs_bits(x):
+        # int32 pattern of |x| in fp32: integer order == float order, any NaN > +inf.
+        return tl.abs(x.to(tl.float32)).to(tl.int32, bitcast=True)
+
+    @triton.jit
+    def _scale_from_bits(bits, FLOOR_BITS: tl.constexpr):
+        # max(amax, 1e-12) / 448 with IEEE division; NaN amax stays NaN.
+        amax = tl.maximum(bits, FLOOR_BITS).to(tl.float32, bitcast=True)
+        return tl.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
+
+    @triton.jit
+    def _quantize(x, scale):
+        # clamp(x / scale, -448, 448) in fp32, NaN-propagating (as torch.clamp).
+        q = tl.div_rn(x, scale)
+        q = tl.maximum(q, -448.0, propagate_nan=tl.PropagateNan.ALL)
+        return tl.minimum(q, 448.0, propagate_nan=tl.PropagateNan.ALL)
+
+    @triton.jit
+    def per_token_kernel(
+        x_ptr, q_ptr, s_ptr, M, K,
+        FLOOR_BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr,
+    ):  # fmt: skip
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+        row_mask = rows < M
+        row_off = rows.to(tl.int64)[:, None] * K  # (BLOCK_M, 1)
+        cols = tl.arange(0, BLOCK_K)[None, :]  # (1, BLOCK_K)
+        if ONE_PASS:  # the whole row tile in registers: read once
+            mask = row_mask[:, None] & (cols < K)
+            x = tl.load(x_ptr + row_off + cols, mask=mask, other=0.0).to(tl.float32)
+            scale = _scale_from_bits(tl.max(_abs_bits(x), axis=1), FLOOR_BITS)  # (BLOCK_M,)
+            q = _quantize(x, scale[:, None])
+            tl.store(q_ptr + row_off + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+        else:  # long rows: amax pass, then quantize pass (the second read mostly hits L2)
+            acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int32)
+            for k0 in range(0, K, BLOCK_K):
+                mask = row_mask[:, None] & (cols + k0 < K)
+                x = tl.load(x_ptr + row_off + k0 + cols, mask=mask, other=0.0)
+                acc = tl.maximum(acc, _abs_bits(x))
+            scale = _scale_from_bits(tl.max(acc, axis=1), FLOOR_BITS)
+            for k0 in range(0, K, BLOCK_K):
+                mask = row_mask[:, None] & (cols + k0 < K)
+                x = tl.load(x_ptr + row_off + k0 + cols, mask=mask, other=0.0).to(tl.float32)
+                q = _quantize(x, scale[:, None])
+                tl.store(q_ptr + row_off + k0 + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(s_ptr + rows, scale, mask=row_mask)
+
+    @triton.jit
+    def static_kernel(x_ptr, q_ptr, s_ptr, N, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        scale = tl.load(s_ptr)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(q_ptr + offs, _quantize(x, scale).to(q_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def amax_partial_kernel(x_ptr, part_ptr, N, BLOCK: tl.constexpr):
+        # Program p reduces blocks p, p + P, p + 2P, ... into part_ptr[p] (int32 bits of the amax).
+        pid = tl.program_id(0)
+        step = tl.num_programs(0).to(tl.int64) * BLOCK
+        acc = tl.zeros([BLOCK], dtype=tl.int32)
+        for start in range(pid.to(tl.int64) * BLOCK, N, step):
+            offs = start + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + offs, mask=offs < N, other=0.0)
+            acc = tl.maximum(acc, _abs_bits(x))
+        tl.store(part_ptr + pid, tl.max(acc, axis=0))
+
+    @triton.jit
+    def per_tensor_quant_kernel(
+        x_ptr, q_ptr, part_ptr, s_ptr, N, P, FLOOR_BITS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr
+    ):
+        # Every program reduces the P partials (from L2) to the same scale; program 0 stores it.
+        pidx = tl.arange(0, BLOCK_P)
+        bits = tl.max(tl.load(part_ptr + pidx, mask=pidx < P, other=0), axis=0)
+        scale = _scale_from_bits(bits, FLOOR_BITS)
+        pid = tl.program_id(0)
+        if pid == 0:
+            tl.store(s_ptr, scale)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(q_ptr + offs, _quantize(x, scale).to(q_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def per_tensor_small_kernel(
+        x_ptr, q_ptr, s_ptr, N, FLOOR_BITS: tl.constexpr, BLOCK_A: tl.constexpr, SLICE: tl.constexpr
+    ):
+        # One launch for small (decode-size) tensors: every program reduces the whole tensor (L2-resident
+        # after the first touch) to the same scale, then quantizes its own SLICE; program 0 stores the scale.
+        acc = tl.zeros([BLOCK_A], dtype=tl.int32)
+        for start in range(0, N, BLOCK_A):
+            offs = start + tl.arange(0, BLOCK_A)
+            x = tl.load(x_ptr + offs, mask=offs < N, other=0.0)
+            acc = tl.maximum(acc, _abs_bits(x))
+        scale = _scale_from_bits(tl.max(acc, axis=0), FLOOR_BITS)
+        pid = tl.program_id(0)
+        if pid == 0:
+            tl.store(s_ptr, scale)
+        offs = pid * SLICE + tl.arange(0, SLICE)
+        mask = offs < N
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(q_ptr + offs, _quantize(x, scale).to(q_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def scale_epilogue_kernel(
+        acc_ptr, sa_ptr, sb_ptr, bias_ptr, out_ptr, N, BLOCKS_N,
+        SA_ROWS: tl.constexpr, SB_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        # Program p: row p // BLOCKS_N, columns of block p % BLOCKS_N; all math in fp32, one rounding
+        # to the output dtype at the end.
+        pid = tl.program_id(0)
+        row = pid // BLOCKS_N
+        cols = (pid % BLOCKS_N) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = cols < N
+        offs = row.to(tl.int64) * N + cols
+        acc = tl.load(acc_ptr + offs, mask=mask, other=0.0)
+        if SA_ROWS:
+            acc = acc * tl.load(sa_ptr + row)
+        else:
+            acc = acc * tl.load(sa_ptr)
+        if SB_ROWS:
+            out = acc * tl.load(sb_ptr + cols, mask=mask, other=0.0)
+        else:
+            out = acc * tl.load(sb_ptr)
+        if HAS_BIAS:
+            out = out + tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+    _bind_driver()
+    _kernels = SimpleNamespace(
+        scale_epilogue=scale_epilogue_kernel,
+        per_token=per_token_kernel,
+        static=static_kernel,
+        amax_partial=amax_partial_kernel,
+        per_tensor_quant=per_tensor_quant_kernel,
+        per_tensor_small=per_tensor_small_kernel,
+    )
+
+
+def _bind_driver() -> None:
+    """Bind what `_launch` needs from Triton's runtime, or leave `_driver.ok` False.
+
+    Direct launches rely on Triton internals (`triton.knobs`; the launcher taking every argument,
+    constexprs included, in parameter order) whose signature changes between releases, so they are
+    used only on the Triton versions the GPU tests ran on (`_DIRECT_LAUNCH_VERSIONS`); any other
+    version, or the interpreter, keeps Triton's own launcher.
+    """
+    if tuple(int(p) for p in triton.__version__.split(".")[:2]) not in _DIRECT_LAUNCH_VERSIONS:
+        return
+    try:
+        from triton.runtime import driver
+
+        knobs = triton.knobs
+        if getattr(knobs.runtime, "interpret", False):  # CPU interpreter: nothing to launch directly
+            return
+        active = driver.active
+        _driver.current_device = active.get_current_device
+        _driver.current_stream = active.get_current_stream
+        _driver.runtime = knobs.runtime
+    except Exception:  # an older / different Triton, no GPU driver: Triton's launcher only
+        return
+    _driver.ok = True
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _num_sms(device: torch.device) -> int:
+    sms = _sms.get(device)
+    if sms is None:
+        # The interpreter (tests, CPU tensors): a few partials.
+        cuda = device.type == "cuda"
+        sms = _sms[device] = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 4
+    return sms
+
+
+def _spec(args: tuple) -> tuple:
+    """What Triton (3.x) specializes a compiled kernel on, for the runtime arguments `args`:
+    a tensor's dtype and 16-byte alignment; an int's value 1, divisibility by 16 and 32/64-bit range."""
+    return tuple(
+        (a.dtype, a.data_ptr() % 16 == 0)
+        if isinstance(a, torch.Tensor)
+        else (a == 1, a % 16 == 0, -0x80000000 <= a <= 0x7FFFFFFF)
+        for a in args
+    )
+
+
+def _launch(kernel, grid: int, args: tuple, consts: tuple, num_warps: int, device: torch.device) -> None:
+    """``kernel[(grid,)](*args, *consts, num_warps=num_warps)`` with less host time.
+
+    `args`: the runtime arguments (tensors, ints), `consts`: the constexpr values, both in the
+    kernel's parameter order (constexprs last). Triton's `JITFunction.run` spends ~10-20 µs a call
+    binding arguments, reading knobs and hashing options before it reaches the compiled kernel's
+    launcher. On CUDA the first call per specialization key (`_spec` + constexprs + warps +
+    current device) goes through it and keeps the CompiledKernel; later calls launch that kernel
+    directly, the way `JITFunction.run` does (current stream, launch hooks, launch metadata).
+    """
+    if not (DIRECT_LAUNCH and _driver.ok and device.type == "cuda"):
+        kernel[(grid,)](*args, *consts, num_warps=num_warps)
+        return
+    dev = _driver.current_device()
+    key = (id(kernel), dev, num_warps, consts, _spec(args))
+    entry = _launchers.get(key)
+    if entry is None:
+        compiled = kernel[(grid,)](*args, *consts, num_warps=num_warps)  # compiles once, launches
+        try:
+            _launchers[key] = (compiled, compiled.run, compiled.function, compiled.packed_metadata)
+        except AttributeError:  # not a CompiledKernel as expected: keep Triton's launcher
+            _launchers[key] = (None,)
+        return
+    compiled = entry[0]
+    if compiled is None:
+        kernel[(grid,)](*args, *consts, num_warps=num_warps)
+        return
+    _, run, function, packed = entry
+    stream = _driver.current_stream(dev)
+    runtime = _driver.runtime
+    grid3 = (grid, 1, 1)
+    metadata = compiled.launch_metadata(grid3, stream, *args, *consts)
+    enter, exit_ = runtime.launch_enter_hook, runtime.launch_exit_hook
+    run(grid, 1, 1, stream, function, packed, metadata, enter, exit_, *args, *consts)
+
+
+def _prepare(x: torch.Tensor, name: str, out: torch.Tensor | None, out_dtype: torch.dtype) -> tuple:
+    if x.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D activation [M, K], got shape {tuple(x.shape)}; flatten it first")
+    if x.dtype not in _INPUT_DTYPES:
+        raise ValueError(f"{name}: input dtype {x.dtype} is not supported; use bfloat16, float16 or float32")
+    if out_dtype not in _OUT_DTYPES:
+        raise ValueError(f"{name}: out_dtype must be torch.float8_e4m3fn (or float32 for tests), got {out_dtype}")
+    x = x.contiguous()  # no copy when already contiguous
+    if out is None:
+        out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    elif out.shape != x.shape or out.dtype != out_dtype or not out.is_contiguous() or out.device != x.device:
+        raise ValueError(
+            f"{name}: out must be a contiguous {out_dtype} tensor of shape {tuple(x.shape)} on {x.device}, "
+            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
+    return x, out
+
+
+def _warps(elements: int, programs: int, device: torch.device) -> int:
+    """Warps per program: ~32 elements a thread on large grids; more threads when the grid is
+    smaller than the GPU (decode sizes), where the per-element division would dominate."""
+    if programs < _num_sms(device):
+        return max(4, min(32, elements // 256))
+    return max(4, min(16, elements // 1024))
+
+
+def _flat_block(n: int) -> tuple[int, int]:
+    """(elements per program, warps) of the flat kernels for a tensor of `n` elements."""
+    return (_FLAT_BLOCK, 8) if n >= _FLAT_SMALL_NUMEL else (_FLAT_BLOCK_SMALL, 4)
+
+
+def quantize_per_token(
+    x: torch.Tensor, *, out: torch.Tensor | None = None, out_dtype: torch.dtype = _FP8_DTYPE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token (row-wise) quantization in one launch.
+
+    x: [M, K] bf16 / fp16 / fp32. Returns (q fp8 [M, K], scale fp32 [M, 1]) with
+    ``scale = max(row absmax, 1e-12) / 448``. `out`: optional preallocated q; `out_dtype=float32`
+    returns the clamped ``x / scale`` before the FP8 cast (to test under the Triton interpreter).
+    """
+    x, out = _prepare(x, "quantize_per_token", out, out_dtype)
+    m, k = x.shape
+    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    if m == 0:
+        return out, scale
+    one_pass = k <= _MAX_ONE_PASS_K
+    block_k = max(16, _next_pow2(k)) if one_pass else _LOOP_BLOCK_K
+    block_m = min(_next_pow2(m), max(1, 4096 // block_k))
+    programs = _cdiv(m, block_m)
+    device = x.device
+    _launch(
+        _build().per_token, programs, (x, out, scale, m, k), (_FLOOR_BITS, block_m, block_k, one_pass),
+        _warps(block_m * block_k, programs, device), device,
+    )  # fmt: skip
+    return out, scale
+
+
+def quantize_static(
+    x: torch.Tensor, scale: torch.Tensor, *, out: torch.Tensor | None = None, out_dtype: torch.dtype = _FP8_DTYPE
+) -> torch.Tensor:
+    """Static per-tensor quantization with a given `scale` (fp32, one element, on x's device): one launch.
+
+    x: [M, K] bf16 / fp16 / fp32. Returns q fp8 [M, K] = cast_fp8(clamp(x / scale, -448, 448)).
+    """
+    x, out = _prepare(x, "quantize_static", out, out_dtype)
+    if scale.numel() != 1 or scale.dtype != torch.float32 or scale.device != x.device:
+        raise ValueError(
+            f"quantize_static: scale must be one float32 element on {x.device}, "
+            f"got {scale.dtype} {tuple(scale.shape)} on {scale.device}"
+        )
+    n = x.numel()
+    if n == 0:
+        return out
+    block, warps = _flat_block(n)
+    _launch(_build().static, _cdiv(n, block), (x, out, scale, n), (block,), warps, x.device)
+    return out
+
+
+def quantize_per_tensor(
+    x: torch.Tensor, *, out: torch.Tensor | None = None, out_dtype: torch.dtype = _FP8_DTYPE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-tensor quantization; the scale is computed on the device (no host sync).
+
+    x: [M, K] bf16 / fp16 / fp32. Returns (q fp8 [M, K], scale fp32 []) with
+    ``scale = max(absmax, 1e-12) / 448`` (an empty tensor gets 1e-12 / 448, as `scaling.tensor_scale`).
+    Up to `_SMALL_NUMEL` (2^15) elements: one launch; larger: two (partial amax, then quantize).
+    """
+    x, out = _prepare(x, "quantize_per_tensor", out, out_dtype)
+    n = x.numel()
+    device = x.device
+    scale = torch.empty((), dtype=torch.float32, device=device)
+    kernels = _build()
+    if n <= _SMALL_NUMEL:
+        block_a = min(max(16, _next_pow2(n)), _SMALL_BLOCK_A)
+        _launch(
+            kernels.per_tensor_small, max(1, _cdiv(n, _SMALL_SLICE)), (x, out, scale, n),
+            (_FLOOR_BITS, block_a, _SMALL_SLICE), max(4, min(32, block_a // 256)), device,
+        )  # fmt: skip
+        return out, scale
+    block, warps = _flat_block(n)
+    blocks = _cdiv(n, block)
+    parts = min(blocks, _PARTIALS_PER_SM * _num_sms(device))
+    partials = torch.empty(parts, dtype=torch.int32, device=device)
+    _launch(kernels.amax_partial, parts, (x, partials, n), (block,), warps, device)
+    _launch(
+        kernels.per_tensor_quant, blocks, (x, out, partials, scale, n, parts),
+        (_FLOOR_BITS, block, _next_pow2(parts)), warps, device,
+    )  # fmt: skip
+    return out, scale
+
+
+def scale_epilogue(
+    acc: torch.Tensor,
+    x_scale: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``out[m, n] = acc[m, n] * x_scale[m] * weight_scale[n] (+ bias[n])`` in fp32, cast once: one launch.
+
+    acc: fp32 [M, N] contiguous (the unit-scale FP8 GEMM's accumulator); x_scale: fp32 [] or [M, 1];
+    weight_scale: fp32 [] or [N, 1] (or [1, N]); bias: [N] bf16 / fp16 / fp32 or None; out_dtype
+    bf16 / fp16 / fp32. `out`: optional preallocated contiguous [M, N] tensor of `out_dtype`.
+    """
+    if acc.dim() != 2 or acc.dtype != torch.float32:
+        raise ValueError(f"scale_epilogue: acc must be a 2-D float32 tensor, got {acc.dtype} {tuple(acc.shape)}")
+    if out_dtype not in _EPILOGUE_OUT_DTYPES:
+        raise ValueError(f"scale_epilogue: out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
+    m, n = acc.shape
+    device = acc.device
+    for name, scale, rows in (("x_scale", x_scale, m), ("weight_scale", weight_scale, n)):
+        if scale.dtype != torch.float32 or scale.numel() not in (1, rows) or scale.device != device:
+            raise ValueError(
+                f"scale_epilogue: {name} must be float32 with 1 or {rows} elements on {device}, "
+                f"got {scale.dtype} {tuple(scale.shape)} on {scale.device}"
+            )
+    if bias is not None and (bias.numel() != n or bias.dtype not in _EPILOGUE_OUT_DTYPES or bias.device != device):
+        raise ValueError(
+            f"scale_epilogue: bias must have {n} bf16 / fp16 / fp32 elements on {device}, "
+            f"got {bias.dtype} {tuple(bias.shape)} on {bias.device}"
+        )
+    acc = acc.contiguous()
+    if out is None:
+        out = torch.empty(m, n, dtype=out_dtype, device=device)
+    elif out.shape != acc.shape or out.dtype != out_dtype or not out.is_contiguous() or out.device != device:
+        raise ValueError(
+            f"scale_epilogue: out must be a contiguous {out_dtype} tensor of shape {(m, n)} on {device}, "
+            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
+    if m == 0 or n == 0:
+        return out
+    sa_rows, sb_rows = x_scale.numel() != 1, weight_scale.numel() != 1
+    sa = x_scale.contiguous() if sa_rows else x_scale  # [M, 1] / [N, 1] / [1, N]: flat when contiguous
+    sb = weight_scale.contiguous() if sb_rows else weight_scale
+    has_bias = bias is not None
+    bias_arg = bias.contiguous() if has_bias else acc  # any pointer when there is no bias
+    block_n = min(_EPILOGUE_BLOCK_N, max(16, _next_pow2(n)))
+    blocks_n = _cdiv(n, block_n)
+    _launch(
+        _build().scale_epilogue, m * blocks_n, (acc, sa, sb, bias_arg, out, n, blocks_n),
+        (sa_rows, sb_rows, has_bias, block_n), 4, device,
+    )  # fmt: skip
+    return out

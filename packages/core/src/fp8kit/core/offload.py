@@ -1,0 +1,116 @@
+"""Models dispatched by accelerate (`device_map="auto"`, `cpu_offload`, `disk_offload`, `dispatch_model`).
+
+An offloaded module keeps its parameters on the meta device; an accelerate `AlignDevicesHook`
+(``module._hf_hook``, offload=True) loads them from its `weights_map` (CPU memory or a disk
+memmap) onto the hook's execution device for each forward and puts them back to meta after it.
+These helpers let quantization and saving see the real tensors one module at a time, through the
+same hooks, without importing accelerate unless a model uses it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["offload_hook", "is_offloaded", "materialized", "reoffload_like", "offloaded_tensor", "execution_device"]
+
+
+def _hooks(module: nn.Module) -> list:
+    """The accelerate hooks on `module` (a SequentialHook unpacked), or []."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        return []
+    return list(getattr(hook, "hooks", [hook]))
+
+
+def offload_hook(module: nn.Module):
+    """The hook that offloads `module`'s own tensors (accelerate `AlignDevicesHook` with offload=True), or None."""
+    for hook in _hooks(module):
+        if getattr(hook, "offload", False) and getattr(hook, "weights_map", None) is not None:
+            return hook
+    return None
+
+
+def is_offloaded(module: nn.Module) -> bool:
+    """True when `module`'s own tensors live in an accelerate offload map (meta until its forward)."""
+    return offload_hook(module) is not None
+
+
+@contextlib.contextmanager
+def materialized(module: nn.Module) -> Iterator[object]:
+    """Within the block, an offloaded `module` holds its real tensors on the hook's execution device.
+
+    Yields the offload hook (None for a module that is not offloaded, which is left untouched).
+    Uses the hook's own pre_forward / post_forward, so exactly one module is resident at a time.
+    """
+    hook = offload_hook(module)
+    if hook is None:
+        yield None
+        return
+    hook.pre_forward(module)
+    try:
+        yield hook
+    finally:
+        hook.post_forward(module, None)
+
+
+def reoffload_like(new: nn.Module, hook: object) -> nn.Module:
+    """Offload `new` (parameters and buffers) the way `hook` offloaded the module it replaces.
+
+    Its tensors are copied to CPU memory as the weights map and set to meta; the forward runs on
+    `hook.execution_device`, as the original module did.
+    """
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    add_hook_to_module(
+        new,
+        AlignDevicesHook(
+            execution_device=getattr(hook, "execution_device", None),
+            offload=True,
+            offload_buffers=True,
+            skip_keys=getattr(hook, "skip_keys", None),
+        ),
+    )
+    return new
+
+
+def offloaded_tensor(model: nn.Module, name: str) -> torch.Tensor | None:
+    """The real value of the state-dict entry `name` that is on meta because it is offloaded, or None.
+
+    Looks in the weights map of the offload hook of the owning module or of an ancestor (hooks with
+    `place_submodules` offload a whole block). Disk-offloaded values come back as memmap-backed CPU tensors.
+    """
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        try:
+            module = model.get_submodule(".".join(parts[:i]))
+        except AttributeError:
+            continue
+        hook = offload_hook(module)
+        if hook is None:
+            continue
+        try:  # not `in`: on a lazy (disk) map that would read the tensor twice
+            return hook.weights_map[".".join(parts[i:])]
+        except KeyError:
+            continue
+    return None
+
+
+def execution_device(model: nn.Module) -> torch.device:
+    """Where inputs of `model` should go: the top-level hook's execution device, else the first real tensor's device."""
+    for hook in _hooks(model):
+        device = getattr(hook, "execution_device", None)
+        if device is not None:
+            return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if not tensor.is_meta:
+            return tensor.device
+    for module in model.modules():
+        for hook in _hooks(module):
+            device = getattr(hook, "execution_device", None)
+            if device is not None:
+                return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+    return torch.device("cpu")

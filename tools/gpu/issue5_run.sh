@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Issue 5 numbers on the GPU machine, in two parts that each fit one device call (< 10 min).
+#   PART=linears: environment, GPU tests (kernels, _scaled_mm rules, CUDA graphs, offload), then the
+#     h100-speed suite (targets 1-3: quantization kernels, prefill and decode linears).
+#   PART=models: whole-model rows (target 4: Llama-3-8B-shaped 4-layer stack and SmolLM2 architecture,
+#     prefill and decode, eager / CUDA graph, plus compiled + graph decode) and target 5 (quantizing).
+# Usage (repository root): OUT=out/gpu PART=linears bash tools/gpu/issue5_run.sh
+set -o pipefail
+export PYTHONPATH=packages/core/src:packages/export/src:packages/bench/src PYTHONUNBUFFERED=1
+OUT=${OUT:-out/gpu}
+PART=${PART:-linears}
+TIMING="--quiet --warmup 3 --min-runs 10 --max-runs 100 --budget-ms 100"
+mkdir -p "$OUT/work"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
+if [ "$PART" = linears ]; then
+  timeout 170 python3 -m pytest tests/core/test_cuda.py tests/core/test_kernels_cuda.py tests/core/test_graphs.py \
+      tests/core/test_offload.py -q -p no:cacheprovider -x >"$OUT/gpu-tests.txt" 2>&1
+  echo "gpu tests rc=$? after ${SECONDS}s"; tail -3 "$OUT/gpu-tests.txt"
+  timeout $(( 560 - SECONDS )) python3 -m fp8kit.bench --suite h100-speed --out "$OUT/work/h100" $TIMING \
+      >"$OUT/suite-log.txt" 2>&1
+  echo "suite rc=$? after ${SECONDS}s"; tail -5 "$OUT/suite-log.txt"
+  tar czf "$OUT/suite.tgz" -C "$OUT/work" h100
+else
+  timeout 300 python3 -m fp8kit.bench --models llama3-8b-stack,smollm2-arch --out "$OUT/work/models" $TIMING \
+      >"$OUT/models-log.txt" 2>&1
+  echo "models rc=$? after ${SECONDS}s"; tail -5 "$OUT/models-log.txt"
+  timeout $(( 560 - SECONDS )) python3 -m fp8kit.bench --models llama3-8b-stack --compile-decode --compile-prefill \
+      --backends fp8-static-tensor-fastacc,fp8-dynamic-token-fastacc,fp8-dynamic-tensor-fastacc --quantize-layers 0 --out "$OUT/work/compiled" $TIMING >"$OUT/compiled-log.txt" 2>&1
+  echo "compiled rc=$? after ${SECONDS}s"; tail -5 "$OUT/compiled-log.txt"
+  tar czf "$OUT/models.tgz" -C "$OUT/work" models compiled
+fi
+rm -rf "$OUT/work"
