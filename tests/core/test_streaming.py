@@ -89,7 +89,7 @@ def test_streamed_equals_in_memory(tmp_path, monkeypatch, shards, tied, format, 
     src = save_bf16_llama(tmp_path / "src", shards=shards, tie_word_embeddings=tied)
     monkeypatch.setattr(streaming, "CPU_CHUNK_ELEMENTS", 1000)  # several row blocks per weight
     expected = in_memory(src, tmp_path / "mem", config, format)
-    out = quantize_checkpoint(src, tmp_path / "stream", config, format=format, device="cpu", max_shard_bytes=60_000)
+    out = quantize_checkpoint(src, tmp_path / "stream", config, format=format, device="cpu", max_shard_bytes=60_000).path
     assert_same_tensors(read_dir(expected), read_dir(out))
     assert qconfig(out) == qconfig(expected)
     n_files = len(list(out.glob("*.safetensors")))
@@ -108,7 +108,7 @@ def test_single_output_file_and_round_trip(tmp_path):
     from fp8kit.core import load_quantized
 
     src = save_bf16_llama(tmp_path / "src")
-    out = quantize_checkpoint(src, tmp_path / "out", device="cpu")
+    out = quantize_checkpoint(src, tmp_path / "out", device="cpu").path
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"] and not (out / INDEX_NAME).exists()
     model = load_quantized(out)
     assert len(model.fp8kit_report.quantized) == 14
@@ -137,7 +137,7 @@ def test_output_inside_source_and_existing_output(tmp_path):
 
 def test_nan_weight_is_named_and_old_output_kept(tmp_path):
     src = save_bf16_llama(tmp_path / "src")
-    out = quantize_checkpoint(src, tmp_path / "out")
+    out = quantize_checkpoint(src, tmp_path / "out").path
     before = (out / "model.safetensors").read_bytes()
     tensors = read_dir(src)
     tensors["model.layers.1.mlp.up_proj.weight"][5, 3] = float("nan")
@@ -231,7 +231,7 @@ def test_tensor_missing_from_checkpoint(tmp_path):
 
 def test_already_quantized_is_refused(tmp_path):
     src = save_bf16_llama(tmp_path / "src")
-    out = quantize_checkpoint(src, tmp_path / "out")
+    out = quantize_checkpoint(src, tmp_path / "out").path
     with pytest.raises(CheckpointError, match="already has a quantization_config"):
         quantize_checkpoint(out, tmp_path / "again")
 
@@ -383,7 +383,7 @@ def test_streamed_on_gpu_equals_in_memory_on_cpu(tmp_path, format, config):
     """On a GPU the weights go through `scaling.quantize_weight` (Triton kernels where they run): same bits."""
     src = save_bf16_llama(tmp_path / "src", shards=3, hidden_size=256, intermediate_size=512)
     expected = in_memory(src, tmp_path / "mem", config, format)
-    out = quantize_checkpoint(src, tmp_path / "stream", config, format=format)  # device=None picks cuda
+    out = quantize_checkpoint(src, tmp_path / "stream", config, format=format).path  # device=None picks cuda
     assert_same_tensors(read_dir(expected), read_dir(out))
     assert qconfig(out) == qconfig(expected)
 

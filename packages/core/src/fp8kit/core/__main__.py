@@ -122,9 +122,9 @@ def _print_summary(quantized: list[str], skipped: dict[str, str]) -> None:
 
 def run_streaming(args: argparse.Namespace, config: QuantConfig) -> int:
     """Quantize MODEL tensor by tensor into OUT_DIR (`fp8kit.core.streaming`)."""
-    from .streaming import stream_checkpoint
+    from .streaming import quantize_checkpoint
 
-    report = stream_checkpoint(
+    report = quantize_checkpoint(
         args.model,
         args.out_dir,
         config,

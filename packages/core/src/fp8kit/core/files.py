@@ -17,7 +17,8 @@ from typing import Any
 
 from .errors import CheckpointError
 
-__all__ = ["SAFETENSORS_DTYPE_BYTES", "read_safetensors_header", "check_safetensors_dir", "exchange_paths"]
+__all__ = [
+    "SAFETENSORS_DTYPE_BYTES", "read_safetensors_header", "read_index", "check_safetensors_dir", "exchange_paths"]
 
 SAFETENSORS_DTYPE_BYTES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F4": 1,
@@ -93,6 +94,31 @@ def read_safetensors_header(file: str | os.PathLike) -> dict[str, dict[str, Any]
     return tensors
 
 
+def read_index(path: str | os.PathLike) -> dict[str, list[str]] | None:
+    """{shard file name: [tensor names]} from the directory's model.safetensors.index.json, or None
+    when there is no index. Every shard must be a plain file name of an existing file in `path`."""
+    path = Path(path)
+    index_path = path / INDEX_NAME
+    if not index_path.is_file():
+        return None
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("weight_map is not an object of tensor name -> file name")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index_path}: not a valid safetensors index: {exc}") from exc
+    by_file: dict[str, list[str]] = {}
+    for tensor, filename in weight_map.items():
+        by_file.setdefault(filename, []).append(tensor)
+    for filename, names in sorted(by_file.items()):
+        if Path(filename).name != filename:
+            raise CheckpointError(f"{index_path}: shard {filename!r} of tensor {names[0]} is not a file name in {path}")
+        if not (path / filename).is_file():
+            shown = ", ".join(sorted(names)[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            raise CheckpointError(f"{path / filename}: missing; {INDEX_NAME} names it as the shard holding tensor {shown}")
+    return dict(sorted(by_file.items()))
+
+
 def check_safetensors_dir(path: str | os.PathLike) -> dict[str, tuple[Path, dict[str, Any]]]:
     """Validate the safetensors weights of a model directory (index and every shard) from their headers.
 
@@ -100,35 +126,19 @@ def check_safetensors_dir(path: str | os.PathLike) -> dict[str, tuple[Path, dict
     hold the tensors the index assigns to it.
     """
     path = Path(path)
-    index_path = path / INDEX_NAME
+    by_file = read_index(path)
     found: dict[str, tuple[Path, dict[str, Any]]] = {}
-    if index_path.is_file():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise TypeError("weight_map is not an object of tensor name -> file name")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index_path}: not a valid safetensors index: {exc}") from exc
-        by_file: dict[str, list[str]] = {}
-        for tensor, filename in weight_map.items():
-            by_file.setdefault(filename, []).append(tensor)
-        for filename, names in sorted(by_file.items()):
-            file = path / filename
-            if Path(filename).name != filename:
-                raise CheckpointError(f"{index_path}: shard {filename!r} of tensor {names[0]} is not a file name in {path}")
-            if not file.is_file():
-                shown = ", ".join(sorted(names)[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-                raise CheckpointError(f"{file}: missing; {INDEX_NAME} names it as the shard holding {shown}")
-        for filename, names in sorted(by_file.items()):
-            file = path / filename
-            header = read_safetensors_header(file)
-            for name in sorted(names):
-                if name not in header:
-                    raise CheckpointError(f"{file}: tensor {name} is missing; {INDEX_NAME} says this file holds it")
-            found.update({name: (file, entry) for name, entry in header.items()})
+    if by_file is None:
+        for file in sorted(path.glob("*.safetensors")):
+            found.update({name: (file, entry) for name, entry in read_safetensors_header(file).items()})
         return found
-    for file in sorted(path.glob("*.safetensors")):
-        found.update({name: (file, entry) for name, entry in read_safetensors_header(file).items()})
+    for filename, names in by_file.items():
+        file = path / filename
+        header = read_safetensors_header(file)
+        for name in sorted(names):
+            if name not in header:
+                raise CheckpointError(f"{file}: tensor {name} is missing; {INDEX_NAME} says this file holds it")
+        found.update({name: (file, entry) for name, entry in header.items()})
     return found
 
 

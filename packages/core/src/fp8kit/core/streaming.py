@@ -47,7 +47,7 @@ from .checkpoint import (
 )
 from .config import QuantConfig
 from .errors import CheckpointError, ConfigError, ModelLoadError
-from .files import read_safetensors_header
+from .files import read_index, read_safetensors_header
 from .surgery import select_linears
 
 __all__ = [
@@ -56,7 +56,6 @@ __all__ = [
     "checkpoint_entries",
     "read_tensor",
     "is_safetensors_checkpoint",
-    "stream_checkpoint",
     "quantize_checkpoint",
 ]
 
@@ -87,7 +86,7 @@ class TensorEntry:
 
 @dataclass
 class StreamReport:
-    """What `stream_checkpoint` did. Bytes are of tensor data; seconds are wall time."""
+    """What `quantize_checkpoint` did. Bytes are of tensor data; seconds are wall time."""
 
     path: Path
     quantized: list[str] = field(default_factory=list)
@@ -137,32 +136,16 @@ def checkpoint_entries(directory: str | os.PathLike) -> dict[str, TensorEntry]:
     every error names the file and, where there is one, the tensor.
     """
     path = Path(directory)
-    index_path = path / INDEX_NAME
-    if index_path.is_file():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise TypeError("weight_map is not an object of tensor name -> file name")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index_path}: not a valid safetensors index: {exc}") from exc
-        by_file: dict[str, list[str]] = {}
-        for name, filename in weight_map.items():
-            by_file.setdefault(filename, []).append(name)
-    elif (path / WEIGHTS_NAME).is_file():
-        weight_map, by_file = None, {WEIGHTS_NAME: []}
-    else:
-        raise CheckpointError(f"{path}: no {WEIGHTS_NAME} or {INDEX_NAME}")
+    by_file = read_index(path)
+    weight_map = None if by_file is None else {n: f for f, names in by_file.items() for n in names}
+    if by_file is None:
+        if not (path / WEIGHTS_NAME).is_file():
+            raise CheckpointError(f"{path}: no {WEIGHTS_NAME} or {INDEX_NAME}")
+        by_file = {WEIGHTS_NAME: []}
 
     entries: dict[str, TensorEntry] = {}
-    for filename, listed in sorted(by_file.items()):
+    for filename, listed in by_file.items():
         file = path / filename
-        if Path(filename).name != filename:
-            raise CheckpointError(f"{index_path}: shard {filename!r} of tensor {listed[0]} is not a file name in {path}")
-        if not file.is_file():
-            raise CheckpointError(
-                f"{file}: missing; {INDEX_NAME} names it as the shard holding tensor {listed[0]}"
-                + (f" and {len(listed) - 1} more" if len(listed) > 1 else "")
-            )
         found = _file_entries(file, listed[0] if listed else "")
         if weight_map is not None:
             absent = [n for n in listed if n not in found]
@@ -393,7 +376,7 @@ def _copy_other_files(src: Path, dst: Path) -> None:
         shutil.copy2(item, dst / item.name)
 
 
-def stream_checkpoint(
+def quantize_checkpoint(
     src_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     config: QuantConfig | None = None,
@@ -405,7 +388,20 @@ def stream_checkpoint(
     trust_remote_code: bool = False,
     progress: bool = True,
 ) -> StreamReport:
-    """`quantize_checkpoint`, returning a `StreamReport` (layers, bytes, time) instead of the path."""
+    """Quantize the safetensors checkpoint `src_dir` to FP8 in `out_dir`, tensor by tensor; returns a `StreamReport`
+    (its `path`, layers, bytes, time).
+
+    For dynamic-activation schemes (static activations or KV-cache scales need calibration: ConfigError).
+    src_dir: a Hugging Face directory with config.json and model.safetensors or shards +
+        model.safetensors.index.json (a pickle-only directory is refused).
+    format: "fp8" (AutoFP8 / vLLM) or "compressed-tensors", as in `save_quantized`.
+    device: where weights are quantized; None = "cuda" when available, else "cpu". Results are the same.
+    max_shard_bytes: output shard size limit (a larger tensor gets a shard of its own).
+    progress: show tqdm bars (bytes and tensors).
+    The output holds the tensors (bit for bit, stored dtype kept) and quantization_config that
+    `quantize()` + `save_quantized()` write for the model loaded in its stored dtype, plus the
+    tokenizer and other non-weight files; it is written to a temporary sibling renamed at the end.
+    """
     start = time.perf_counter()
     config = QuantConfig() if config is None else config
     _check_config(config, format)
@@ -518,38 +514,3 @@ def stream_checkpoint(
         report.seconds, report.bytes_in / 1e9 / max(report.seconds, 1e-9),
     )
     return report
-
-
-def quantize_checkpoint(
-    src_dir: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    config: QuantConfig | None = None,
-    *,
-    format: str = "fp8",
-    device: str | torch.device | None = None,
-    overwrite: bool = False,
-    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-    trust_remote_code: bool = False,
-) -> Path:
-    """Quantize the safetensors checkpoint `src_dir` to FP8 in `out_dir`, tensor by tensor; returns `out_dir`.
-
-    For dynamic-activation schemes (static activations or KV-cache scales need calibration: ConfigError).
-    src_dir: a Hugging Face directory with config.json and model.safetensors or shards +
-        model.safetensors.index.json (a pickle-only directory is refused).
-    format: "fp8" (AutoFP8 / vLLM) or "compressed-tensors", as in `save_quantized`.
-    device: where weights are quantized; None = "cuda" when available, else "cpu". Results are the same.
-    max_shard_bytes: output shard size limit (a larger tensor gets a shard of its own).
-    The output holds the tensors (bit for bit, stored dtype kept) and quantization_config that
-    `quantize()` + `save_quantized()` write for the model loaded in its stored dtype, plus the
-    tokenizer and other non-weight files; it is written to a temporary sibling renamed at the end.
-    """
-    return stream_checkpoint(
-        src_dir,
-        out_dir,
-        config,
-        format=format,
-        device=device,
-        overwrite=overwrite,
-        max_shard_bytes=max_shard_bytes,
-        trust_remote_code=trust_remote_code,
-    ).path
