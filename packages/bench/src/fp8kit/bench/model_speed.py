@@ -37,7 +37,6 @@ for ``-graph`` rows ``graph_max_abs_diff`` = max |graph replay - eager call| of 
 from __future__ import annotations
 
 import copy
-import gc
 import inspect
 import logging
 import math
@@ -57,7 +56,8 @@ from fp8kit.core.surgery import quantize
 from . import metrics
 from .backends import FP8Backend, dtype_name, get_backend
 from .report import add_speedup, make_frame
-from .timing import TimingConfig, time_calls
+from .runner import error_status
+from .timing import TimingConfig, free_memory, sync, time_calls
 
 __all__ = [
     "MODEL_PRESETS",
@@ -274,22 +274,6 @@ def _main_output(out: Any) -> torch.Tensor:
     return logits if logits is not None else out.last_hidden_state
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _error(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
-    return "error: " + (text[:300] + "..." if len(text) > 300 else text)
-
-
 class _Decode:
     """A model's StaticCache filled with the prompt, and its eager decode step at `prompt_len`
     (`static_cache_decode_fn`; gqa_attention: switch an "sdpa" model to "fp8kit_sdpa_gqa")."""
@@ -354,10 +338,10 @@ def run_model_speed(
     for name in models:
         factory, with_lm_head = presets[name]
         rows += _run_one_model(name, factory, with_lm_head, device, dtype, list(backends), sizes, timing, seed)
-        _free(device)
+        free_memory(device)
     if quantize_layers > 0:
         rows += _quantize_rows(device, dtype, quantize_layers, seed)
-        _free(device)
+        free_memory(device)
     return add_model_speedups(make_frame(rows))
 
 
@@ -432,7 +416,7 @@ def _run_one_model(
             del ref_model
         except Exception:  # noqa: BLE001 - the reference is optional (memory)
             logger.warning("float64 reference of %s failed; rel_error left empty", name, exc_info=True)
-        _free(device)
+        free_memory(device)
 
     baseline_out: dict[str, torch.Tensor] = {}
     rows: list[dict[str, Any]] = []
@@ -460,12 +444,12 @@ def _run_one_model(
                 model = base
             else:
                 model, _ = quantized_copy(base, backend_id, calibration)
-            _sync(device)
+            sync(device)
             setup_s = time.perf_counter() - start
         except Exception as exc:  # noqa: BLE001
             logger.exception("could not quantize %s for %s", name, backend_id)
             for row in variant_rows.values():
-                rows.append({**row, "status": _error(exc)})
+                rows.append({**row, "status": error_status(exc)})
             continue
         weight_bytes = sum(
             t.numel() * t.element_size()
@@ -491,7 +475,7 @@ def _run_one_model(
                 del out
             except Exception as exc:  # noqa: BLE001
                 logger.exception("prefill of %s / %s failed", name, backend_id)
-                row["status"] = _error(exc)
+                row["status"] = error_status(exc)
 
             # Prefill, replayed as a CUDA graph (static shape 1 x prefill_len; no host launch overhead).
             row = variant_rows["prefill_graph"]
@@ -523,7 +507,7 @@ def _run_one_model(
                     del out, compiled
                 except Exception as exc:  # noqa: BLE001
                     logger.exception("compiled prefill of %s / %s failed", name, backend_id)
-                    row["status"] = _error(exc)
+                    row["status"] = error_status(exc)
 
         decode = None
         if "decode" in sizes.phases:
@@ -541,7 +525,7 @@ def _run_one_model(
                     baseline_out["decode"] = eager_out
             except Exception as exc:  # noqa: BLE001
                 logger.exception("eager decode of %s / %s failed", name, backend_id)
-                row["status"] = _error(exc)
+                row["status"] = error_status(exc)
 
             row = variant_rows["graph"]
             if decode is None or variant_rows["decode"]["status"] != "ok":
@@ -573,7 +557,7 @@ def _run_one_model(
         del decode
         if model is not base:
             del model
-        _free(device)
+        free_memory(device)
     del base
     return rows
 
@@ -597,6 +581,8 @@ def _graph_row(
     one replay with the eager call `eager()` of the same model (graph_max_abs_diff)."""
     from fp8kit.core.graphs import CUDAGraphRunner, GraphCaptureError
 
+    if device.type != "cuda":
+        return {"status": f"not run: CUDA graphs need a CUDA GPU; this run is on {device.type}"}
     try:
         start = time.perf_counter()
         runner = CUDAGraphRunner(fn, *args, restore=restore)
@@ -606,7 +592,7 @@ def _graph_row(
         if "CUDA graphs need a CUDA GPU" in text:
             return {"status": "not run: " + text}
         logger.exception("capture failed")
-        return {"status": _error(exc)}
+        return {"status": error_status(exc)}
     try:
         with torch.no_grad():
             graph_out = runner(*args).float().clone()
@@ -620,7 +606,7 @@ def _graph_row(
         return row
     except Exception as exc:  # noqa: BLE001
         logger.exception("graph replay failed")
-        return {"status": _error(exc)}
+        return {"status": error_status(exc)}
     finally:
         del runner
 
@@ -656,7 +642,7 @@ def _quantize_rows(device: torch.device, dtype: torch.dtype, num_layers: int, se
             measure_quantize(warm, config, device)
             row["first_call_s"] = time.perf_counter() - start
             del warm
-            _free(device)
+            free_memory(device)
             model = build_linear_stack(num_layers, device, dtype, seed=seed)
             result = measure_quantize(model, config, device)
             del model
@@ -671,9 +657,9 @@ def _quantize_rows(device: torch.device, dtype: torch.dtype, num_layers: int, se
             )
         except Exception as exc:  # noqa: BLE001
             logger.exception("quantize timing failed")
-            row["status"] = _error(exc)
+            row["status"] = error_status(exc)
         rows.append(row)
-        _free(device)
+        free_memory(device)
     return rows
 
 

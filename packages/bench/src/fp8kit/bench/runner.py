@@ -4,7 +4,6 @@ run named suites (`run_suite`) part by part into one frame."""
 from __future__ import annotations
 
 import copy
-import gc
 import logging
 import math
 import time
@@ -20,7 +19,7 @@ from tqdm.auto import tqdm
 from . import metrics
 from .backends import Backend, TorchBackend, parse_backends
 from .report import add_derived, make_frame
-from .timing import TimingConfig, time_calls, time_cuda_graph
+from .timing import TimingConfig, free_memory, sync, time_calls, time_cuda_graph
 from .workloads import LinearWorkload, ModelWorkload, QuantWorkload, suite_parts
 
 __all__ = [
@@ -28,9 +27,9 @@ __all__ = [
     "run_suite",
     "default_device",
     "default_dtype",
-    "smollm2_config",
     "load_bench_model",
     "cast_model",
+    "error_status",
 ]
 
 logger = logging.getLogger(__name__)
@@ -49,25 +48,6 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def smollm2_config() -> Any:
-    """`transformers.LlamaConfig` of SmolLM2-135M(-Instruct): 30 layers, hidden 576, MLP 1536, 9 / 3 heads."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=8192,
-        rms_norm_eps=1e-5,
-        rope_theta=100000.0,
-        tie_word_embeddings=True,
-        hidden_act="silu",
-    )
-
-
 def load_bench_model(spec: str, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, Any]:
     """(model, tokenizer or None) for a `ModelWorkload.spec`.
 
@@ -77,8 +57,10 @@ def load_bench_model(spec: str, dtype: torch.dtype, device: torch.device) -> tup
     if spec == "smollm2-arch":
         from transformers import LlamaForCausalLM
 
+        from .model_speed import smollm2_arch_config
+
         torch.manual_seed(0)
-        model = LlamaForCausalLM(smollm2_config())
+        model = LlamaForCausalLM(smollm2_arch_config())
         return model.to(device=device, dtype=dtype).eval(), None
     from fp8kit.core.models import load_model
 
@@ -86,24 +68,14 @@ def load_bench_model(spec: str, dtype: torch.dtype, device: torch.device) -> tup
     return model.to(device=device, dtype=dtype).eval(), tokenizer
 
 
-def _error_status(exc: BaseException) -> str:
+def error_status(exc: BaseException) -> str:
+    """A report `status` for a failed row: "error: <type>: <message>" on one line, at most ~300 characters."""
     text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
     return "error: " + (text[:300] + "..." if len(text) > 300 else text)
 
 
 def _not_run(reason: str) -> str:
     return reason if reason.startswith(("not run", "error")) else f"not run: {reason}"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def run_benchmarks(
@@ -287,7 +259,7 @@ def _run_linear_group(
                     fns = [backend.build_linear(w, calib_x) for w in weights_hp[: copies[backend.id]]]
             except Exception as exc:  # noqa: BLE001 - one failing backend must not stop the run
                 logger.exception("backend %s failed to build %dx%d", backend.id, n, k)
-                build_error = _error_status(exc)
+                build_error = error_status(exc)
             setup_s = time.perf_counter() - start
         for workload in group:
             row = _base_row(workload, backend, dtype, device)
@@ -305,9 +277,9 @@ def _run_linear_group(
         del fns
         if hasattr(backend, "release"):
             backend.release()
-        _free(device)
+        free_memory(device)
     del weights_hp, inputs, refs
-    _free(device)
+    free_memory(device)
     return rows
 
 
@@ -328,13 +300,13 @@ def _measure_linear(
             x = backend.prepare_input(x_raw)  # x itself, or a pre-quantized input (scaled-mm)
             first = time.perf_counter()
             out = fns[0](x)  # first call: compilation for compiled backends
-            _sync(device)
+            sync(device)
             first_call_s = time.perf_counter() - first
             before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             out = fns[0](x)  # (M, N)
-            _sync(device)
+            sync(device)
             peak = (
                 (torch.cuda.max_memory_allocated(device) - before + backend.weight_bytes(n, k, dtype) + x_raw.nbytes) / 2**20
                 if device.type == "cuda"
@@ -350,7 +322,7 @@ def _measure_linear(
             times = time_cuda_graph(calls, device, timing) if backend.cuda_graph else time_calls(calls, device, timing)
     except Exception as exc:  # noqa: BLE001 - reported in the row
         logger.exception("backend %s failed on %dx%dx%d", backend.id, m, n, k)
-        return {"status": _error_status(exc)}
+        return {"status": error_status(exc)}
     stats = metrics.latency_stats(times)
     median = stats["latency_ms_median"]
     in_b, w_b, out_b = backend.element_bytes(dtype)
@@ -405,11 +377,11 @@ def _run_quant_group(
                     row.update(_measure_quant(backend, fn, x, x64, static_scale, device, timing))
                 except Exception as exc:  # noqa: BLE001 - one failing backend must not stop the run
                     logger.exception("backend %s failed on %s", backend.id, workload.label)
-                    row["status"] = _error_status(exc)
+                    row["status"] = error_status(exc)
             rows.append(row)
             bar.update(1)
         del x, x64
-        _free(device)
+        free_memory(device)
     return rows
 
 
@@ -439,10 +411,10 @@ def _measure_quant(
     with torch.no_grad():
         first = time.perf_counter()
         fn(x)  # first call: compilation / autotuning
-        _sync(device)
+        sync(device)
         first_call_s = time.perf_counter() - first
         out = fn(x)
-        _sync(device)
+        sync(device)
         expected = _expected_scale(backend, x64, static_scale)
         status = "ok"
         if expected is None:  # copy
@@ -544,11 +516,11 @@ def _run_model_group(
         for workload in group:
             for backend in backends:
                 row = _base_row(workload, backend, dtype, device)
-                row["status"] = _error_status(exc)
+                row["status"] = error_status(exc)
                 rows.append(row)
                 bar.update(1)
         return rows
-    _free(device)
+    free_memory(device)
 
     for backend in backends:
         reason = unavailable[backend.id]
@@ -562,7 +534,7 @@ def _run_model_group(
                 reason = str(exc)
             except Exception as exc:  # noqa: BLE001
                 logger.exception("backend %s failed to prepare %s", backend.id, spec)
-                reason = _error_status(exc)
+                reason = error_status(exc)
             setup_s = time.perf_counter() - start
         ppl: tuple[float, int] | None = None
         for workload in group:
@@ -583,7 +555,7 @@ def _run_model_group(
             rows.append(row)
             bar.update(1)
         del built
-        _free(device)
+        free_memory(device)
     return rows
 
 
@@ -630,13 +602,13 @@ def _measure_model(
         with torch.no_grad():
             first = time.perf_counter()
             built.forward(input_ids=ids)
-            _sync(device)
+            sync(device)
             first_call_s = time.perf_counter() - first
             before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             logits = built.forward(input_ids=ids).logits  # (B, S, vocab)
-            _sync(device)
+            sync(device)
             peak = (
                 (torch.cuda.max_memory_allocated(device) - before + _model_bytes(built.module)) / 2**20
                 if device.type == "cuda"
@@ -651,7 +623,7 @@ def _measure_model(
             times = time_cuda_graph(call, device, timing) if built_graph else time_calls(call, device, timing)
     except Exception as exc:  # noqa: BLE001
         logger.exception("model forward failed")
-        return {"status": _error_status(exc)}
+        return {"status": error_status(exc)}
     stats = metrics.latency_stats(times)
     return {
         **stats,

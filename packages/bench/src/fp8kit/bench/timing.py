@@ -7,6 +7,7 @@ all events are read after one final synchronize, so timing adds no host-device r
 
 from __future__ import annotations
 
+import gc
 import itertools
 import time
 from collections.abc import Callable, Sequence
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["TimingConfig", "time_calls", "time_cuda_graph", "peak_memory_mb", "reset_peak_memory"]
+__all__ = ["TimingConfig", "time_calls", "time_cuda_graph", "peak_memory_mb", "reset_peak_memory", "sync", "free_memory"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,19 @@ class TimingConfig:
             raise ValueError(
                 f"TimingConfig: need warmup >= 0, 1 <= min_runs <= max_runs and budget_ms > 0; got {self}"
             )
+
+
+def sync(device: torch.device) -> None:
+    """Wait for `device`'s queued work (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    """Collect garbage and return cached GPU blocks, so the next workload starts from a clean pool."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def time_calls(

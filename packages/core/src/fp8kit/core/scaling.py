@@ -290,7 +290,7 @@ def fp8_matmul(
 
     scale_a, scale_b = x_scale, weight_scale
     rowwise = scale_a.dim() or scale_b.dim()
-    if rowwise and m <= ROWWISE_SKINNY_MAX_M and x_fp8.is_cuda:
+    if rowwise and x_fp8.is_cuda and m <= ROWWISE_SKINNY_MAX_M:  # device first: no guard on M on CPU
         out = _skinny_rowwise_matmul(
             x_fp8, weight_fp8, x_scale, weight_scale, bias, out_dtype, use_fast_accum, compiling
         )
