@@ -40,11 +40,11 @@ CHILD = textwrap.dedent(
     import torch, transformers, accelerate, safetensors
     import transformers.models.llama.modeling_llama
     from fp8kit.core import QuantConfig
-    from fp8kit.core.streaming import stream_checkpoint
+    from fp8kit.core.streaming import quantize_checkpoint
     if int(sys.argv[5]) > 0:
         torch.set_num_threads(int(sys.argv[5]))
     baseline = peak_rss()
-    report = stream_checkpoint(sys.argv[1], sys.argv[2], QuantConfig(), device=sys.argv[3] if sys.argv[3] != "auto" else None,
+    report = quantize_checkpoint(sys.argv[1], sys.argv[2], QuantConfig(), device=sys.argv[3] if sys.argv[3] != "auto" else None,
                                max_shard_bytes=int(sys.argv[4]), progress=False)
     peak = peak_rss()
     print(json.dumps({"baseline_bytes": baseline, "peak_bytes": peak, "bytes_in": report.bytes_in,
