@@ -12,7 +12,7 @@ from torch import nn
 from .calibration import as_model_inputs
 from .config import QuantConfig
 from .linear import FP8Linear
-from .scaling import dequantize, quantize
+from .scaling import dequantize, quantize_activation
 from .surgery import select_linears
 
 __all__ = ["LayerError", "sqnr_db", "layer_errors"]
@@ -67,14 +67,14 @@ def layer_errors(model: nn.Module, config: QuantConfig, batch: Any) -> list[Laye
         input_scale = x.abs().amax() / 448 if config.activation == "static" else None
         fp8 = FP8Linear.from_linear(linear, config, input_scale)
         fp8.bias = None  # compare the GEMM alone: the reference has no bias either
-        x_scale = fp8.input_scale_for(x)
+        x_fp8, x_scale = quantize_activation(x, fp8.activation_granularity, fp8.input_scale)
         w_scale = fp8.weight_scale
         out.append(
             LayerError(
                 name=name,
                 total_db=sqnr_db(reference, fp8(x)),
                 weight_only_db=sqnr_db(reference, F.linear(x.double(), dequantize(fp8.weight, w_scale, torch.float64))),
-                activation_only_db=sqnr_db(reference, F.linear(dequantize(quantize(x, x_scale), x_scale, torch.float64), w.double())),
+                activation_only_db=sqnr_db(reference, F.linear(dequantize(x_fp8, x_scale, torch.float64), w.double())),
                 input_absmax=x.abs().max().item(),
                 input_rms=x.pow(2).mean().sqrt().item(),
             )

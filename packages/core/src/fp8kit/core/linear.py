@@ -85,14 +85,6 @@ class FP8Linear(nn.Module):
             new.bias.data.copy_(linear.bias.detach())
         return new
 
-    def input_scale_for(self, x2d: torch.Tensor) -> torch.Tensor:
-        """The activation scale used for the flattened input `x2d` [M, K]: [] or [M, 1]."""
-        if self.input_scale is not None:
-            return self.input_scale
-        if self.activation_granularity == "token":
-            return scaling.rowwise_scale(x2d)
-        return scaling.tensor_scale(x2d)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.dim() == 2  # (M, K) already: no reshapes (each costs host time in eager decode)
         x2d = x if flat else x.reshape(-1, self.in_features)  # (M, K), M = prod(leading dims)
