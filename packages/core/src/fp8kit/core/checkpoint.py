@@ -54,6 +54,7 @@ __all__ = [
     "layer_tensors",
     "kv_scale_shape",
     "atomic_directory",
+    "build_meta_model",
 ]
 
 logger = logging.getLogger(__name__)
@@ -744,7 +745,8 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _build_model(config_dict: dict[str, Any], where: Path, trust_remote_code: bool) -> nn.Module:
+def build_meta_model(config_dict: dict[str, Any], where: Path, trust_remote_code: bool) -> nn.Module:
+    """The model class config.json names, built from `config_dict` with parameters on the meta device."""
     import transformers
     from accelerate import init_empty_weights
 
@@ -835,7 +837,7 @@ def load_quantized(
         raise CheckpointError(f"{where / CONFIG_NAME}: has no quantization_config; this is not an FP8 checkpoint")
     config = _quant_config_from(qc, where / CONFIG_NAME)
     tensors = _normalize_tensors(_read_tensors(where), where)
-    model = _build_model(config_dict, where, trust_remote_code)
+    model = build_meta_model(config_dict, where, trust_remote_code)
     quantized = _swap_in_fp8_layers(model, tensors, config, where)
 
     expected = model.state_dict()

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import load_quantized, read_quantization_config
+from .checkpoint import build_meta_model, load_quantized, read_quantization_config
 from .errors import CheckpointError, ModelLoadError
 from .files import check_safetensors_dir
 
@@ -55,15 +55,12 @@ def _load_tokenizer(directory: Path, **kwargs: Any) -> Any:
         return None
 
 
-def _check_shapes(cls: type, config: Any, headers: dict[str, tuple[Path, dict[str, Any]]]) -> None:
-    """Compare the tensor shapes in the safetensors headers with the model `config` describes (meta device)."""
-    from accelerate import init_empty_weights
-
+def _check_shapes(config_dict: dict[str, Any], path: Path, headers: dict[str, tuple[Path, dict[str, Any]]]) -> None:
+    """Compare the tensor shapes in the safetensors headers with the model config.json describes (meta device)."""
     try:
-        with init_empty_weights():
-            expected = {name: tuple(t.shape) for name, t in cls._from_config(config).state_dict().items()}
+        expected = {name: tuple(t.shape) for name, t in build_meta_model(config_dict, path, False).state_dict().items()}
     except Exception as exc:  # noqa: BLE001 - a pre-check only: transformers reports its own errors below
-        logger.debug("shape pre-check skipped: cannot build %s on meta: %s", cls.__name__, exc)
+        logger.debug("shape pre-check skipped: cannot build the model of %s on meta: %s", path, exc)
         return
     for name, (file, entry) in sorted(headers.items()):
         want = expected.get(name)
@@ -122,12 +119,11 @@ def load_model(
                 "a model only with --trust-remote-code (trust_remote_code=True in Python): pass it only if you trust that code"
             )
         headers = check_safetensors_dir(path)  # truncated / corrupt / missing shards named with file and tensor
-        config = transformers.AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
         if cls is None:
             cls = transformers.AutoModelForCausalLM
         else:
-            _check_shapes(cls, config, headers)
+            _check_shapes(config_dict, path, headers)
         offload = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
         offload = {k: v for k, v in offload.items() if v is not None}
         model = cls.from_pretrained(str(path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **offload)

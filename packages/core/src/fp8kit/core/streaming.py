@@ -36,7 +36,7 @@ from .checkpoint import (
     SAFETENSORS_DTYPES,
     WEIGHTS_NAME,
     SafetensorsWriter,
-    _build_model,
+    build_meta_model,
     _pack_shards,
     _shard_names,
     _write_index,
@@ -217,7 +217,7 @@ class _Out:
 
 
 def _meta_model(src: Path, config_dict: dict[str, Any], trust_remote_code: bool) -> nn.Module:
-    model = _build_model(config_dict, src, trust_remote_code)
+    model = build_meta_model(config_dict, src, trust_remote_code)
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # tied parameters become one object, as after from_pretrained
     return model
