@@ -47,6 +47,7 @@ from .surgery import QuantReport
 __all__ = [
     "FORMAT_VERSION",
     "FORMATS",
+    "check_format",
     "save_quantized",
     "load_quantized",
     "read_quantization_config",
@@ -158,7 +159,7 @@ def quantization_config_dict(
         ("float-quantized", REFERENCE §3). Both carry an ``fp8kit`` block (format_version and
         the full QuantConfig) so that `load_quantized` restores the exact configuration.
     """
-    _check_format(format)
+    check_format(format)
     ours = {"format_version": FORMAT_VERSION, "config": config.to_dict()}
     if format == "fp8":
         if config.weight == "channel":
@@ -200,7 +201,8 @@ def quantization_config_dict(
     }
 
 
-def _check_format(format: str) -> None:
+def check_format(format: str) -> None:
+    """Raise CheckpointError unless `format` is one of `FORMATS`."""
     if format not in FORMATS:
         raise CheckpointError(f"unknown checkpoint format {format!r}; choose one of {list(FORMATS)}")
 
@@ -219,7 +221,7 @@ def layer_tensors(
     Returns ``{name.weight, name.weight_scale[, name.input_scale]}`` with scales shaped [] for
     "fp8" and [1] (per tensor) / [N, 1] (per channel) for "compressed-tensors"; values unchanged.
     """
-    _check_format(format)
+    check_format(format)
     if weight.dtype != FP8_DTYPE or weight.dim() != 2:
         raise CheckpointError(f"{name}.weight: expected float8_e4m3fn [N, K], got {weight.dtype} {tuple(weight.shape)}")
     n = weight.shape[0]
@@ -247,7 +249,7 @@ def layer_tensors(
 
 def kv_scale_shape(format: str) -> tuple[int, ...]:
     """Shape of the per-attention ``k_scale`` / ``v_scale`` tensors in `format`: [] ("fp8") or [1]."""
-    _check_format(format)
+    check_format(format)
     return () if format == "fp8" else (1,)
 
 
@@ -481,7 +483,7 @@ def save_quantized(
         "compressed-tensors" (llm-compressor's "float-quantized"; every fp8kit scheme).
     Atomic: everything goes to a temporary sibling directory renamed to `path` at the end.
     """
-    _check_format(format)
+    check_format(format)
     config: QuantConfig | None = getattr(model, "fp8kit_config", None)
     if config is None:
         raise CheckpointError("save_quantized: the model was not quantized with fp8kit.core.quantize")

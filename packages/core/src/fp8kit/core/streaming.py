@@ -31,16 +31,16 @@ from tqdm.auto import tqdm
 from . import scaling
 from .checkpoint import (
     CONFIG_NAME,
-    FORMATS,
     INDEX_NAME,
     SAFETENSORS_DTYPES,
     WEIGHTS_NAME,
     SafetensorsWriter,
-    build_meta_model,
     _pack_shards,
     _shard_names,
     _write_index,
     atomic_directory,
+    build_meta_model,
+    check_format,
     layer_tensors,
     quantization_config_dict,
     read_quantization_config,
@@ -361,8 +361,7 @@ def _check_config(config: QuantConfig, format: str) -> None:
             f"quantize_checkpoint: {what} needs calibration, which streaming cannot do; load the model and use "
             "fp8kit.core.quantize + save_quantized (the CLI's in-memory path, --no-stream)"
         )
-    if format not in FORMATS:
-        raise CheckpointError(f"unknown checkpoint format {format!r}; choose one of {list(FORMATS)}")
+    check_format(format)
 
 
 def _copy_other_files(src: Path, dst: Path) -> None:
