@@ -39,7 +39,7 @@ from torch import nn
 from .config import QuantConfig
 from .errors import CheckpointError, ConfigError
 from .linear import FP8Linear
-from .files import check_safetensors_dir, exchange_paths
+from .files import check_safetensors_dir, exchange_paths, read_index
 from .offload import offloaded_tensor
 from .scaling import FP8_DTYPE
 from .surgery import QuantReport
@@ -712,38 +712,28 @@ def _normalize_tensors(tensors: dict[str, torch.Tensor], where: Path) -> dict[st
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError, safe_open
 
-    index_path = path / INDEX_NAME
-    if index_path.is_file():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index_path}: not a valid safetensors index: {exc}") from exc
-        files = sorted(set(weight_map.values()))
-    elif (path / WEIGHTS_NAME).is_file():
-        weight_map, files = None, [WEIGHTS_NAME]
-    else:
-        pickles = [name for name in _PICKLE_NAMES if (path / name).exists()]
-        hint = f" (found {pickles}: fp8kit never loads pickles; convert them to safetensors)" if pickles else ""
-        raise CheckpointError(f"{path}: no {WEIGHTS_NAME} or {INDEX_NAME}{hint}")
-    check_safetensors_dir(path)  # headers only: names the file and tensor of a truncated / corrupt shard
+    by_file: dict[str, list[str] | None] | None = read_index(path)  # a bad index or missing shard: named
+    if by_file is None:
+        if not (path / WEIGHTS_NAME).is_file():
+            pickles = [name for name in _PICKLE_NAMES if (path / name).exists()]
+            hint = f" (found {pickles}: fp8kit never loads pickles; convert them to safetensors)" if pickles else ""
+            raise CheckpointError(f"{path}: no {WEIGHTS_NAME} or {INDEX_NAME}{hint}")
+        by_file = {WEIGHTS_NAME: None}
+    # Headers only: a truncated / corrupt shard, or one lacking a tensor the index puts in it, is named.
+    check_safetensors_dir(path)
 
     tensors: dict[str, torch.Tensor] = {}
-    for filename in files:
+    for filename, listed in by_file.items():
         file = path / filename
-        if not file.is_file():
-            raise CheckpointError(f"{file}: missing; {INDEX_NAME} names it as a shard")
+        allowed = None if listed is None else set(listed)
         try:
             with safe_open(str(file), framework="pt") as f:
                 for key in f.keys():
-                    if weight_map is not None and weight_map.get(key) != filename:
+                    if allowed is not None and key not in allowed:
                         raise CheckpointError(f"{file}: tensor {key} is not listed for this file in {INDEX_NAME}")
                     tensors[key] = f.get_tensor(key)
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from exc
-    if weight_map is not None:
-        absent = sorted(set(weight_map) - set(tensors))
-        if absent:
-            raise CheckpointError(f"{path}: tensors {absent[:5]} listed in {INDEX_NAME} are missing from their shards")
     return tensors
 
 
