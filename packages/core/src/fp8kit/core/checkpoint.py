@@ -39,7 +39,7 @@ from torch import nn
 from .config import QuantConfig
 from .errors import CheckpointError, ConfigError
 from .linear import FP8Linear
-from .files import check_safetensors_dir, exchange_paths, read_index
+from .files import INDEX_NAME, check_safetensors_dir, exchange_paths, read_index
 from .offload import offloaded_tensor
 from .scaling import FP8_DTYPE
 from .surgery import QuantReport
@@ -64,7 +64,6 @@ FORMAT_VERSION = 1
 FORMATS = ("fp8", "compressed-tensors")
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 _PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.bin")
 
 

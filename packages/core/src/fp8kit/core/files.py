@@ -18,7 +18,7 @@ from typing import Any
 from .errors import CheckpointError
 
 __all__ = [
-    "SAFETENSORS_DTYPE_BYTES", "read_safetensors_header", "read_index", "check_safetensors_dir", "exchange_paths"]
+    "INDEX_NAME", "SAFETENSORS_DTYPE_BYTES", "read_safetensors_header", "read_index", "check_safetensors_dir", "exchange_paths"]
 
 SAFETENSORS_DTYPE_BYTES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F4": 1,
