@@ -99,18 +99,26 @@ def offloaded_tensor(model: nn.Module, name: str) -> torch.Tensor | None:
     return None
 
 
-def execution_device(model: nn.Module) -> torch.device:
-    """Where inputs of `model` should go: the top-level hook's execution device, else the first real tensor's device."""
-    for hook in _hooks(model):
+def _hook_device(module: nn.Module) -> torch.device | None:
+    """The execution device of `module`'s own accelerate hooks, or None."""
+    for hook in _hooks(module):
         device = getattr(hook, "execution_device", None)
         if device is not None:
             return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+    return None
+
+
+def execution_device(model: nn.Module) -> torch.device:
+    """Where inputs of `model` should go: the top-level hook's execution device, else the first real
+    tensor's device, else the first submodule hook's execution device (CPU when there is none)."""
+    device = _hook_device(model)
+    if device is not None:
+        return device
     for tensor in [*model.parameters(), *model.buffers()]:
         if not tensor.is_meta:
             return tensor.device
     for module in model.modules():
-        for hook in _hooks(module):
-            device = getattr(hook, "execution_device", None)
-            if device is not None:
-                return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+        device = _hook_device(module)
+        if device is not None:
+            return device
     return torch.device("cpu")
