@@ -192,15 +192,18 @@ def quantized_copy(model: nn.Module, backend_id: str, calibration: Sequence[Any]
 
 
 def llama3_8b_linear_shapes() -> tuple[tuple[str, int, int], ...]:
-    """(qualified name in a layer, N, K) of the 7 Linear layers of one Llama-3-8B decoder layer."""
+    """(qualified name in a layer, N, K) of the 7 Linear layers of one decoder layer of `llama3_8b_stack_config`."""
+    config = llama3_8b_stack_config()
+    hidden, inter = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * (hidden // config.num_attention_heads)
     return (
-        ("self_attn.q_proj", 4096, 4096),
-        ("self_attn.k_proj", 1024, 4096),
-        ("self_attn.v_proj", 1024, 4096),
-        ("self_attn.o_proj", 4096, 4096),
-        ("mlp.gate_proj", 14336, 4096),
-        ("mlp.up_proj", 14336, 4096),
-        ("mlp.down_proj", 4096, 14336),
+        ("self_attn.q_proj", hidden, hidden),
+        ("self_attn.k_proj", kv, hidden),
+        ("self_attn.v_proj", kv, hidden),
+        ("self_attn.o_proj", hidden, hidden),
+        ("mlp.gate_proj", inter, hidden),
+        ("mlp.up_proj", inter, hidden),
+        ("mlp.down_proj", hidden, inter),
     )
 
 
