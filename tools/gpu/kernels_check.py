@@ -40,7 +40,7 @@ def bench(fn) -> float:
     return do_bench(fn, warmup=50, rep=300, return_mode="median") * 1e3  # µs
 
 
-def graph_us(fns, reps: int = 50) -> float:
+def graph_us(fns, warmup_ms: int = 50, rep_ms: int = 300) -> float:
     """Median µs per call of the callables `fns`, captured in one CUDA graph and replayed."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -52,7 +52,7 @@ def graph_us(fns, reps: int = 50) -> float:
     with torch.cuda.graph(graph):
         for fn in fns:
             fn()
-    return bench(graph.replay) / len(fns)
+    return do_bench(graph.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median") * 1e3 / len(fns)
 
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -21,25 +21,11 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 from fp8kit.core import kernels, scaling
+from kernels_check import graph_us  # tools/gpu is the script directory, first on sys.path
 
 SHAPES = ((14336, 4096), (4096, 14336), (4096, 4096))
 M_VALUES = (1, 8, 16, 32, 64)
 L2_BYTES = 50 * 2**20
-
-
-def graph_us(fns) -> float:
-    """Median µs per call of the callables `fns`, captured in one CUDA graph and replayed."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for fn in fns:
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in fns:
-            fn()
-    return do_bench(graph.replay, warmup=20, rep=80, return_mode="median") * 1e3 / len(fns)
 
 
 def with_threshold(max_m: int, fn):
@@ -164,7 +150,7 @@ def main() -> None:
             variants["token_new"] = token(1 << 30)
             row = {"device": dev, "N": n, "K": k, "M": m, "copies": copies}
             for name, fns in variants.items():
-                row[name] = round(graph_us(fns), 2)
+                row[name] = round(graph_us(fns, warmup_ms=20, rep_ms=80), 2)
             row["token_new_vs_bf16"] = round(row["bf16"] / row["token_new"], 3)
             row["token_old_vs_bf16"] = round(row["bf16"] / row["token_old"], 3)
             if m in (1, 16, 64):
