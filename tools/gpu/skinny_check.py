@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
 
 from fp8kit.core import kernels, scaling
 from kernels_check import graph_us  # tools/gpu is the script directory, first on sys.path
