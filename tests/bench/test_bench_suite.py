@@ -21,10 +21,10 @@ from fp8kit.bench import (
     write_csv,
 )
 from fp8kit.bench.__main__ import main
-from fp8kit.bench.backends import CopyBackend, QuantBackend, ScaledMMBackend, ceiling_backend_id
+from fp8kit.bench.backends import CopyBackend, QuantBackend, ScaledMMBackend
 from fp8kit.bench.metrics import ceiling_share, floor_ms, floor_ratio
 from fp8kit.bench.report import add_derived, add_quant_floor
-from fp8kit.bench.workloads import SUITES, LinearWorkload, suite_parts
+from fp8kit.bench.workloads import SUITES, LinearWorkload, ceiling_backend_id, suite_parts
 from fp8kit.core import scaling
 from fp8kit.core.errors import ConfigError
 

@@ -10,13 +10,12 @@ from fp8kit.bench.model_speed import (
     ModelSpeedConfig,
     build_linear_stack,
     llama3_8b_linear_shapes,
-    llama3_8b_stack_config,
     measure_quantize,
     run_model_speed,
-    smollm2_arch_config,
 )
 from fp8kit.bench.report import COLUMNS
 from fp8kit.bench.timing import TimingConfig
+from fp8kit.bench.workloads import llama3_8b_stack_config, smollm2_arch_config
 from fp8kit.core import FP8Linear, QuantConfig
 from fp8kit.core.errors import ConfigError
 from fp8kit.core.graphs import GQA_SDPA

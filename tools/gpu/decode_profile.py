@@ -15,7 +15,8 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from fp8kit.bench.model_speed import _Decode, build_model, llama3_8b_stack_config, quantized_copy
+from fp8kit.bench.model_speed import _Decode, build_model, quantized_copy
+from fp8kit.bench.workloads import llama3_8b_stack_config
 from fp8kit.core.graphs import use_gqa_attention
 
 STEPS = 5

@@ -42,7 +42,7 @@ from fp8kit.core.errors import ConfigError
 from fp8kit.core.linear import FP8Linear
 from fp8kit.core.scaling import tensor_scale
 
-from .workloads import QUANT_BACKENDS, QUANT_GRAPH_BACKENDS, SCALED_MM_BACKENDS
+from .workloads import FP8_ID, QUANT_BACKENDS, QUANT_GRAPH_BACKENDS, SCALED_MM_BACKENDS
 
 __all__ = [
     "Backend",
@@ -55,9 +55,9 @@ __all__ = [
     "QuantBackend",
     "CopyBackend",
     "GraphTimed",
-    "ceiling_backend_id",
     "quant_impl",
     "get_backend",
+    "cast_model",
     "parse_backends",
     "BACKEND_PRESETS",
 ]
@@ -180,22 +180,25 @@ class TorchBackend(Backend):
         return lambda x: fn(x, weight)
 
     def build_model(self, model: nn.Module, calibration: list[Any]) -> BuiltModel:
-        from .runner import cast_model
-
         module = cast_model(copy.deepcopy(model), self.activation_dtype(next(model.parameters()).dtype)).eval()
         forward = _compile_model(module) if self.compiled else module
         return BuiltModel(module, forward)
 
 
+def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast every floating parameter / buffer of `model` to `dtype` in place (FP8 tensors untouched).
+
+    Works on models that transformers marks as quantized (GGUF-loaded), whose `.float()` / `.to()` refuse.
+    """
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.is_floating_point() and tensor.dtype != dtype and tensor.element_size() > 1:
+            tensor.data = tensor.data.to(dtype)
+    return model
+
+
 def _compile_model(module: nn.Module) -> Callable[[torch.Tensor], Any]:
     _raise_dynamo_cache_limits()
     return torch.compile(module, dynamic=False)
-
-
-_FP8_ID = re.compile(
-    r"^fp8-(?P<activation>dynamic|static)-(?P<granularity>tensor|token)"
-    r"(?:-w(?P<weight>tensor|channel))?(?P<fastacc>-fastacc)?(?P<compiled>-compiled)?$"
-)
 
 
 class FP8Backend(Backend):
@@ -559,25 +562,6 @@ class ScaledMMBackend(Backend):
         return run
 
 
-def ceiling_backend_id(backend_id: str) -> str | None:
-    """The `scaled-mm-*` id that is the FP8 GEMM ceiling of an ``fp8-*`` backend id (None for others).
-
-    Row-wise scales for per-token activations or per-channel weights, per-tensor otherwise; the same
-    `-fastacc` and `-graph` suffixes (`-compiled` is dropped: the bare GEMM is not compiled).
-    """
-    graph = backend_id.endswith("-graph")
-    match = _FP8_ID.fullmatch(backend_id.removesuffix("-graph"))
-    if match is None:
-        return None
-    weight = match["weight"] or ("channel" if match["granularity"] == "token" else "tensor")
-    rowwise = match["granularity"] == "token" or weight == "channel"
-    return (
-        f"scaled-mm-{'rowwise' if rowwise else 'tensor'}"
-        + ("-fastacc" if match["fastacc"] else "")
-        + ("-graph" if graph else "")
-    )
-
-
 QuantFn = Callable[[torch.Tensor], Any]
 
 
@@ -794,7 +778,7 @@ def get_backend(backend_id: str) -> Backend:
     torch_match = re.fullmatch(r"torch-(bf16|fp16|fp32)(-compiled)?", text)
     if torch_match:
         return TorchBackend(_DTYPES[torch_match.group(1)], compiled=bool(torch_match.group(2)))
-    fp8_match = _FP8_ID.fullmatch(text)
+    fp8_match = FP8_ID.fullmatch(text)
     if fp8_match:
         if fp8_match["activation"] == "static" and fp8_match["granularity"] == "token":
             raise ConfigError(f"backend {text!r}: static activation scales are per tensor; use fp8-static-tensor")

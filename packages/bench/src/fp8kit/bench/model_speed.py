@@ -55,16 +55,14 @@ from fp8kit.core.surgery import quantize
 
 from . import metrics
 from .backends import FP8Backend, dtype_name, get_backend
-from .report import add_speedup, make_frame
-from .runner import error_status
+from .report import add_speedup, error_status, make_frame
 from .timing import TimingConfig, free_memory, sync, time_calls
+from .workloads import llama3_8b_stack_config, smollm2_arch_config
 
 __all__ = [
     "MODEL_PRESETS",
     "FP8_MODEL_BACKENDS",
     "ModelSpeedConfig",
-    "llama3_8b_stack_config",
-    "smollm2_arch_config",
     "build_model",
     "quantized_copy",
     "llama3_8b_linear_shapes",
@@ -89,47 +87,6 @@ FP8_MODEL_BACKENDS: tuple[str, ...] = (
 )
 BASELINE = "torch-bf16"
 PHASES: tuple[str, ...] = ("prefill", "decode")
-
-
-def llama3_8b_stack_config(num_layers: int = 4, vocab_size: int = 1024) -> Any:
-    """`LlamaConfig` of Llama-3-8B's decoder layers (hidden 4096, MLP 14336, 32 / 8 heads of 128,
-    rope theta 500000), `num_layers` deep, with a small vocabulary; SDPA attention."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=num_layers,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=8192,
-        rms_norm_eps=1e-5,
-        rope_theta=500000.0,
-        tie_word_embeddings=False,
-        hidden_act="silu",
-        attn_implementation="sdpa",
-    )
-
-
-def smollm2_arch_config(num_layers: int | None = None) -> Any:
-    """`LlamaConfig` of SmolLM2-135M (its real config.json values); SDPA attention."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=num_layers or 30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=8192,
-        rms_norm_eps=1e-5,
-        rope_theta=100000.0,
-        tie_word_embeddings=True,
-        hidden_act="silu",
-        attn_implementation="sdpa",
-    )
 
 
 #: name -> (config factory taking num_layers or None, with_lm_head)

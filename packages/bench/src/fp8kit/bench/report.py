@@ -16,10 +16,14 @@ from typing import Any
 
 import pandas as pd
 
+from .metrics import ceiling_share, floor_ms, floor_ratio
+from .workloads import ceiling_backend_id
+
 __all__ = [
     "COLUMNS",
     "EXTRA_COLUMNS",
     "make_frame",
+    "error_status",
     "add_speedup",
     "add_quant_floor",
     "add_ceiling_share",
@@ -97,6 +101,12 @@ _STR_COLUMNS = (
     "workload", "backend", "dtype", "status", "shape", "device", "target", "impl", "ceiling_backend", "attention"
 )
 _BOOL_COLUMNS = ("compiled",)
+
+
+def error_status(exc: BaseException) -> str:
+    """A report `status` for a failed row: "error: <type>: <message>" on one line, at most ~300 characters."""
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    return "error: " + (text[:300] + "..." if len(text) > 300 else text)
 
 
 def make_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
@@ -548,8 +558,6 @@ def add_quant_floor(frame: pd.DataFrame) -> pd.DataFrame:
         frame[column] = float("nan")
     if frame.empty or "bytes_moved" not in frame.columns:
         return frame
-    from .metrics import floor_ms, floor_ratio
-
     keys = [c for c in ("workload", "M", "K", "device", "target") if c in frame.columns]
     quant = frame["workload"].astype(str).str.startswith("quant:")
     copies: dict[tuple[Any, ...], float] = {}
@@ -569,7 +577,7 @@ def add_quant_floor(frame: pd.DataFrame) -> pd.DataFrame:
 def add_ceiling_share(frame: pd.DataFrame) -> pd.DataFrame:
     """Fill ceiling_backend, ceiling_ms and ceiling_share of ``fp8-*`` linear rows.
 
-    The ceiling is the `scaled-mm-*` row named by `backends.ceiling_backend_id` (same scaling,
+    The ceiling is the `scaled-mm-*` row named by `workloads.ceiling_backend_id` (same scaling,
     `-fastacc` and `-graph`) of the same workload, M, N, K, device and target; if that one is absent,
     the fastest `scaled-mm-*` row of the same timing mode (eager or graph). ceiling_share =
     ceiling_ms / latency (1.0: the FP8 linear costs no more than its bare GEMM).
@@ -579,9 +587,6 @@ def add_ceiling_share(frame: pd.DataFrame) -> pd.DataFrame:
     frame["ceiling_share"] = float("nan")
     if frame.empty:
         return frame
-    from .backends import ceiling_backend_id
-    from .metrics import ceiling_share
-
     keys = [c for c in ("workload", "M", "N", "K", "device", "target") if c in frame.columns]
     ok = frame[frame["status"] == "ok"]
     ceilings: dict[tuple[Any, ...], dict[str, float]] = {}

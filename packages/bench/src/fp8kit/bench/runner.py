@@ -17,10 +17,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import metrics
-from .backends import Backend, TorchBackend, parse_backends
-from .report import add_derived, make_frame
+from .backends import Backend, TorchBackend, cast_model, parse_backends
+from .report import add_derived, error_status, make_frame
 from .timing import TimingConfig, free_memory, sync, time_calls, time_cuda_graph
-from .workloads import LinearWorkload, ModelWorkload, QuantWorkload, suite_parts
+from .workloads import (
+    LinearWorkload,
+    ModelWorkload,
+    QuantWorkload,
+    smollm2_arch_config,
+    suite_parts,
+)
 
 __all__ = [
     "run_benchmarks",
@@ -28,8 +34,6 @@ __all__ = [
     "default_device",
     "default_dtype",
     "load_bench_model",
-    "cast_model",
-    "error_status",
 ]
 
 logger = logging.getLogger(__name__)
@@ -57,8 +61,6 @@ def load_bench_model(spec: str, dtype: torch.dtype, device: torch.device) -> tup
     if spec == "smollm2-arch":
         from transformers import LlamaForCausalLM
 
-        from .model_speed import smollm2_arch_config
-
         torch.manual_seed(0)
         model = LlamaForCausalLM(smollm2_arch_config())
         return model.to(device=device, dtype=dtype).eval(), None
@@ -66,12 +68,6 @@ def load_bench_model(spec: str, dtype: torch.dtype, device: torch.device) -> tup
 
     model, tokenizer = load_model(spec, dtype=torch.float32)
     return model.to(device=device, dtype=dtype).eval(), tokenizer
-
-
-def error_status(exc: BaseException) -> str:
-    """A report `status` for a failed row: "error: <type>: <message>" on one line, at most ~300 characters."""
-    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
-    return "error: " + (text[:300] + "..." if len(text) > 300 else text)
 
 
 def _not_run(reason: str) -> str:
@@ -574,17 +570,6 @@ def _prefill_ids(
         except Exception:  # noqa: BLE001 - fall back to random ids
             logger.warning("could not tokenize the held-out text: timing on random ids", exc_info=True)
     return torch.randint(0, vocab, (workload.batch, workload.seq_len), generator=gen)  # (B, S)
-
-
-def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Cast every floating parameter / buffer of `model` to `dtype` in place (FP8 tensors untouched).
-
-    Works on models that transformers marks as quantized (GGUF-loaded), whose `.float()` / `.to()` refuse.
-    """
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        if tensor.is_floating_point() and tensor.dtype != dtype and tensor.element_size() > 1:
-            tensor.data = tensor.data.to(dtype)
-    return model
 
 
 def _perplexity(module: nn.Module, tokenizer: Any, texts: Sequence[str]) -> tuple[float, int]:

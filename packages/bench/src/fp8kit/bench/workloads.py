@@ -1,5 +1,6 @@
 """What is benchmarked: single linear layers (M x N x K), activation quantization kernels (M x K),
-whole models (prefill), and the named suites that bundle them (`SUITES`).
+whole models (prefill) and the architectures they use, the named suites that bundle them (`SUITES`),
+and the backend-id grammar the report derives columns from (`FP8_ID`, `ceiling_backend_id`).
 
 Shapes are written M x N x K everywhere: M rows of activation, N = out_features, K = in_features.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from fp8kit.core.errors import ConfigError
 
@@ -25,6 +27,10 @@ __all__ = [
     "parse_shape_entries",
     "parse_m_values",
     "linear_grid",
+    "llama3_8b_stack_config",
+    "smollm2_arch_config",
+    "FP8_ID",
+    "ceiling_backend_id",
 ]
 
 # Projection shapes (name, N, K) of the dense decoder layers.
@@ -111,6 +117,47 @@ class ModelWorkload:
     @property
     def label(self) -> str:
         return f"model:{self.spec}"
+
+
+def llama3_8b_stack_config(num_layers: int = 4, vocab_size: int = 1024) -> Any:
+    """`LlamaConfig` of Llama-3-8B's decoder layers (hidden 4096, MLP 14336, 32 / 8 heads of 128,
+    rope theta 500000), `num_layers` deep, with a small vocabulary; SDPA attention."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=num_layers,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+        hidden_act="silu",
+        attn_implementation="sdpa",
+    )
+
+
+def smollm2_arch_config(num_layers: int | None = None) -> Any:
+    """`LlamaConfig` of SmolLM2-135M (its real config.json values); SDPA attention."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=num_layers or 30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        hidden_act="silu",
+        attn_implementation="sdpa",
+    )
 
 
 def parse_shape_entries(text: str) -> list[tuple[str, int | None, int, int]]:
@@ -209,6 +256,32 @@ FP8_LINEAR_BACKENDS: tuple[str, ...] = tuple(f"fp8-{s}{fa}" for s in _FP8_SCHEME
 SCALED_MM_BACKENDS: tuple[str, ...] = tuple(
     f"scaled-mm-{s}{fa}" for s in ("rowwise", "tensor") for fa in ("", "-fastacc")
 )
+#: ``fp8-<activation>-<granularity>[-w<weight>][-fastacc][-compiled]`` backend ids (`backends.get_backend`).
+FP8_ID = re.compile(
+    r"^fp8-(?P<activation>dynamic|static)-(?P<granularity>tensor|token)"
+    r"(?:-w(?P<weight>tensor|channel))?(?P<fastacc>-fastacc)?(?P<compiled>-compiled)?$"
+)
+
+
+def ceiling_backend_id(backend_id: str) -> str | None:
+    """The `scaled-mm-*` id that is the FP8 GEMM ceiling of an ``fp8-*`` backend id (None for others).
+
+    Row-wise scales for per-token activations or per-channel weights, per-tensor otherwise; the same
+    `-fastacc` and `-graph` suffixes (`-compiled` is dropped: the bare GEMM is not compiled).
+    """
+    graph = backend_id.endswith("-graph")
+    match = FP8_ID.fullmatch(backend_id.removesuffix("-graph"))
+    if match is None:
+        return None
+    weight = match["weight"] or ("channel" if match["granularity"] == "token" else "tensor")
+    rowwise = match["granularity"] == "token" or weight == "channel"
+    return (
+        f"scaled-mm-{'rowwise' if rowwise else 'tensor'}"
+        + ("-fastacc" if match["fastacc"] else "")
+        + ("-graph" if graph else "")
+    )
+
+
 # Eager rows (what the targets name) and CUDA-graph rows beside them (launch overhead removed, so a
 # gap between the two is host time: FP8Linear's Python and launches against a short GEMM).
 LINEAR_BACKENDS: tuple[str, ...] = tuple(
