@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from fp8kit.core.checkpoint import SafetensorsWriter, _shard_names, _write_index
+from fp8kit.core.checkpoint import SafetensorsWriter, shard_names, write_index
 
 CHILD = textwrap.dedent(
     """
@@ -100,7 +100,7 @@ def write_synthetic_checkpoint(
             acc = 0
         groups[-1].append(i)
         acc += sizes[i]
-    files = _shard_names(len(groups))
+    files = shard_names(len(groups))
     path.mkdir(parents=True)
     g = torch.Generator().manual_seed(seed)
     block = (torch.randn(2**24, generator=g) * 0.02).to(torch.bfloat16)  # (16Mi,)
@@ -117,7 +117,7 @@ def write_synthetic_checkpoint(
                     done += n
                 weight_map[name] = filename
                 total += numel * 2
-    _write_index(path, weight_map, total)
+    write_index(path, weight_map, total)
     (path / "config.json").write_text(json.dumps(config, indent=2))
     return total
 

@@ -142,12 +142,12 @@ def test_failed_save_leaves_old_output_and_no_temp(tmp_path, monkeypatch):
     model = quantized_llama(QuantConfig())
     save_quantized(model, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    import fp8kit.core.checkpoint as ck
+    import fp8kit.core.checkpoint.save as ck
 
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ck, "_write_shards", boom)
+    monkeypatch.setattr(ck, "write_shards", boom)
     with pytest.raises(OSError, match="disk full"):
         save_quantized(model, out, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -161,15 +161,15 @@ def test_killed_mid_save_leaves_old_output_intact(tmp_path):
     script = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(os.path.dirname(__file__) + '/..')!r})
-        import fp8kit.core.checkpoint as ck
+        import fp8kit.core.checkpoint.save as ck
         from fp8kit.core import QuantConfig, quantize, save_quantized
         from tiny_models import make_tiny_llama
-        real = ck._write_shards
+        real = ck.write_shards
         def slow(tensors, directory, max_bytes):
             real(tensors, directory, max_bytes)
             print("written", flush=True)
             time.sleep(60)
-        ck._write_shards = slow
+        ck.write_shards = slow
         save_quantized(quantize(make_tiny_llama(seed=9), QuantConfig()), {str(out)!r}, overwrite=True)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)

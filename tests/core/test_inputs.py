@@ -314,7 +314,7 @@ def test_cli_killed_mid_save_leaves_old_output_intact(tiny_llama_dir, tmp_path):
     # right before it would take OUT_DIR's place (the atomic swap, or the rename fallback).
     wrapper = textwrap.dedent(f"""
         import os, runpy, sys, time
-        import fp8kit.core.checkpoint as ck
+        import fp8kit.core.checkpoint.writer as ck
         def stop(*args, **kwargs):
             print("written", flush=True)
             time.sleep(300)

@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 
 from fp8kit.core import QuantConfig, quantize, save_quantized
 from fp8kit.core import streaming
-from fp8kit.core.checkpoint import INDEX_NAME, SafetensorsWriter
+from fp8kit.core.checkpoint import SafetensorsWriter
+from fp8kit.core.files import INDEX_NAME
 from fp8kit.core.errors import CheckpointError, ConfigError, ModelLoadError
 from fp8kit.core.streaming import checkpoint_entries, quantize_checkpoint, read_tensor
 

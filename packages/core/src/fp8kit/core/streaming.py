@@ -31,13 +31,8 @@ from tqdm.auto import tqdm
 from . import scaling
 from .checkpoint import (
     CONFIG_NAME,
-    INDEX_NAME,
-    SAFETENSORS_DTYPES,
     WEIGHTS_NAME,
     SafetensorsWriter,
-    _pack_shards,
-    _shard_names,
-    _write_index,
     atomic_directory,
     build_meta_model,
     check_format,
@@ -45,9 +40,10 @@ from .checkpoint import (
     quantization_config_dict,
     read_quantization_config,
 )
+from .checkpoint.writer import SAFETENSORS_DTYPES, pack_shards, shard_names, write_index
 from .config import QuantConfig
 from .errors import CheckpointError, ConfigError, ModelLoadError
-from .files import read_index, read_safetensors_header
+from .files import INDEX_NAME, read_index, read_safetensors_header
 from .surgery import select_linears
 
 __all__ = [
@@ -442,9 +438,9 @@ def quantize_checkpoint(
             units[-1].append(o)
         else:
             units.append([o])
-    packed = _pack_shards([(str(i), sum(o.nbytes for o in u)) for i, u in enumerate(units)], max_shard_bytes)
+    packed = pack_shards([(str(i), sum(o.nbytes for o in u)) for i, u in enumerate(units)], max_shard_bytes)
     shards = [[units[int(i)] for i in shard] for shard in packed]  # [shard][unit][tensor]
-    files = _shard_names(len(shards))
+    files = shard_names(len(shards))
     report = StreamReport(path=out, quantized=list(targets), skipped=dict(skipped), device=str(device))
     report.bytes_in = sum(u[0].source.nbytes for u in units if u[0].source is not None)  # bytes read
     report.bytes_out = sum(o.nbytes for o in outs)
@@ -499,7 +495,7 @@ def quantize_checkpoint(
                         bar.set_postfix_str(f"{done}/{total_units} tensors", refresh=False)
             weight_map = {o.name: f for f, shard in zip(files, shards) for unit in shard for o in unit}
             if len(shards) > 1:
-                _write_index(tmp, weight_map, report.bytes_out)
+                write_index(tmp, weight_map, report.bytes_out)
             (tmp / CONFIG_NAME).write_text(json.dumps(config_dict, indent=2, sort_keys=True, default=str))
             _copy_other_files(src, tmp)
     finally:

@@ -1,0 +1,229 @@
+"""`load_quantized`: a checkpoint directory (fp8kit's, AutoFP8's or llm-compressor's) -> a model with FP8 layers.
+
+Reads safetensors only (never pickles); every missing, unexpected or mis-shaped tensor is an error naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import QuantConfig
+from ..errors import CheckpointError
+from ..files import INDEX_NAME, check_safetensors_dir, read_index
+from ..linear import FP8Linear
+from ..scaling import FP8_DTYPE
+from ..surgery import QuantReport
+from .formats import parse_quantization_config
+from .writer import CONFIG_NAME, WEIGHTS_NAME
+
+__all__ = ["load_quantized", "read_quantization_config", "build_meta_model"]
+
+logger = logging.getLogger(__name__)
+
+_PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.bin")
+
+
+def read_quantization_config(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(config.json as a dict without quantization_config, the quantization_config or None)."""
+    config_path = Path(path) / CONFIG_NAME
+    if not config_path.is_file():
+        raise CheckpointError(f"{config_path}: not found; a checkpoint directory needs a config.json")
+    try:
+        config_dict = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{config_path}: not readable JSON: {exc}") from exc
+    if not isinstance(config_dict, dict):
+        raise CheckpointError(f"{config_path}: expected a JSON object")
+    return config_dict, config_dict.pop("quantization_config", None)
+
+
+
+_SCALE_SUFFIXES = (".weight_scale", ".input_scale", ".k_scale", ".v_scale")
+_ZERO_POINT_SUFFIXES = (".weight_zero_point", ".input_zero_point", ".k_zero_point", ".v_zero_point")
+
+
+def _normalize_tensors(tensors: dict[str, torch.Tensor], where: Path) -> dict[str, torch.Tensor]:
+    """Map other tools' layouts onto fp8kit's: scales to fp32 (exact), [N] channel scales to [N, 1],
+    AutoFP8's ``k_proj.output_scale`` to ``k_scale``, all-zero symmetric zero points dropped."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        if key.endswith(_ZERO_POINT_SUFFIXES):
+            if tensor.numel() and bool((tensor.float() != 0).any()):
+                raise CheckpointError(
+                    f"{where}: tensor {key} holds non-zero zero points (asymmetric quantization); "
+                    "fp8kit reads symmetric FP8 only"
+                )
+            logger.debug("dropping all-zero zero point %s", key)
+            continue
+        for proj, kv in ((".k_proj.output_scale", ".k_scale"), (".v_proj.output_scale", ".v_scale")):
+            if key.endswith(proj):  # AutoFP8's KV-cache scales, as vLLM remaps them
+                key = key[: -len(proj)] + kv
+        if key.endswith(_SCALE_SUFFIXES):
+            if not tensor.is_floating_point() or tensor.dtype == FP8_DTYPE:
+                raise CheckpointError(f"{where}: tensor {key} has dtype {tensor.dtype}; scales must be float")
+            tensor = tensor.float()
+        if key.endswith(".weight_scale") and tensor.dim() == 1 and tensor.numel() > 1:
+            tensor = tensor.reshape(-1, 1)  # [N] -> [N, 1]
+        if key in out:
+            raise CheckpointError(f"{where}: tensor {key} is stored twice (under two names)")
+        out[key] = tensor
+    return out
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError, safe_open
+
+    by_file: dict[str, list[str] | None] | None = read_index(path)  # a bad index or missing shard: named
+    if by_file is None:
+        if not (path / WEIGHTS_NAME).is_file():
+            pickles = [name for name in _PICKLE_NAMES if (path / name).exists()]
+            hint = f" (found {pickles}: fp8kit never loads pickles; convert them to safetensors)" if pickles else ""
+            raise CheckpointError(f"{path}: no {WEIGHTS_NAME} or {INDEX_NAME}{hint}")
+        by_file = {WEIGHTS_NAME: None}
+    # Headers only: a truncated / corrupt shard, or one lacking a tensor the index puts in it, is named.
+    check_safetensors_dir(path)
+
+    tensors: dict[str, torch.Tensor] = {}
+    for filename, listed in by_file.items():
+        file = path / filename
+        allowed = None if listed is None else set(listed)
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    if allowed is not None and key not in allowed:
+                        raise CheckpointError(f"{file}: tensor {key} is not listed for this file in {INDEX_NAME}")
+                    tensors[key] = f.get_tensor(key)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from exc
+    return tensors
+
+
+def build_meta_model(config_dict: dict[str, Any], where: Path, trust_remote_code: bool) -> nn.Module:
+    """The model class config.json names, built from `config_dict` with parameters on the meta device."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    architectures = config_dict.get("architectures") or []
+    model_type = config_dict.get("model_type")
+    if not architectures or not model_type:
+        raise CheckpointError(f"{where / CONFIG_NAME}: needs 'architectures' and 'model_type' to rebuild the model")
+    cls = getattr(transformers, architectures[0], None)
+    try:
+        kwargs = {k: v for k, v in config_dict.items() if k != "model_type"}
+        hf_config = transformers.AutoConfig.for_model(model_type, **kwargs)
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"{where / CONFIG_NAME}: model_type {model_type!r} unknown to transformers: {exc}") from exc
+    # Parameters on the meta device (filled from the file below); buffers such as RoPE's inv_freq stay real.
+    with init_empty_weights(include_buffers=False):
+        if cls is not None:
+            return cls._from_config(hf_config)
+        if not trust_remote_code:
+            raise CheckpointError(
+                f"{where / CONFIG_NAME}: architecture {architectures[0]!r} is not in transformers; "
+                "pass trust_remote_code=True only if you trust the code that comes with this checkpoint "
+                "(--trust-remote-code in the CLIs)"
+            )
+        return transformers.AutoModelForCausalLM.from_config(hf_config, trust_remote_code=True)
+
+
+def _swap_in_fp8_layers(model: nn.Module, tensors: dict[str, torch.Tensor], config: QuantConfig, where: Path) -> list[str]:
+    modules = dict(model.named_modules())
+    quantized = []
+    for key, tensor in tensors.items():
+        if not key.endswith(".weight") or tensor.dtype != FP8_DTYPE:
+            continue
+        name = key[: -len(".weight")]
+        linear = modules.get(name)
+        if not isinstance(linear, nn.Linear):
+            raise CheckpointError(f"{where}: tensor {key} is FP8 but {name!r} is not an nn.Linear of the model")
+        if tuple(tensor.shape) != (linear.out_features, linear.in_features):
+            raise CheckpointError(
+                f"{where}: tensor {key} has shape {tuple(tensor.shape)}, the model's layer expects "
+                f"{(linear.out_features, linear.in_features)} (config.json does not match the weights)"
+            )
+        scale = tensors.get(f"{name}.weight_scale")
+        if scale is None:
+            raise CheckpointError(f"{where}: tensor {name}.weight_scale is missing for FP8 weight {key}")
+        if config.activation == "static" and f"{name}.input_scale" not in tensors:
+            raise CheckpointError(
+                f"{where}: tensor {name}.input_scale is missing; quantization_config declares static activations"
+            )
+        bias = tensors.get(f"{name}.bias")
+        new = FP8Linear(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            weight_granularity="channel" if scale.numel() > 1 else "tensor",
+            activation="static" if f"{name}.input_scale" in tensors else "dynamic",
+            activation_granularity=config.activation_granularity,
+            use_fast_accum=config.use_fast_accum,
+            device="meta",
+            dtype=bias.dtype if bias is not None else torch.float32,
+        )
+        parent_name, _, attr = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, attr, new)
+        quantized.append(name)
+    for key in tensors:
+        if key.endswith((".k_scale", ".v_scale")):
+            owner = modules.get(key.rpartition(".")[0])
+            if owner is None:
+                raise CheckpointError(f"{where}: tensor {key} names no module of the model")
+            owner.register_buffer(key.rpartition(".")[2], torch.empty((), device="meta"))
+    return quantized
+
+
+def load_quantized(
+    path: str | os.PathLike, *, device: str | torch.device = "cpu", trust_remote_code: bool = False
+) -> nn.Module:
+    """Rebuild a model saved by `save_quantized` (either format), AutoFP8 or llm-compressor (FP8
+    "float-quantized") with `FP8Linear` layers; for fp8kit's own checkpoints, outputs are bit-identical.
+
+    The class named in `config.architectures` is built from config.json without its
+    quantization_config (else transformers' own fp8 integration would take over), then every tensor is
+    loaded from safetensors. A missing, unexpected or mis-shaped tensor is an error naming it.
+    """
+    where = Path(path)
+    if not where.is_dir():
+        raise CheckpointError(f"{where}: not a checkpoint directory")
+    config_dict, qc = read_quantization_config(where)
+    if qc is None:
+        raise CheckpointError(f"{where / CONFIG_NAME}: has no quantization_config; this is not an FP8 checkpoint")
+    config = parse_quantization_config(qc, where / CONFIG_NAME)
+    tensors = _normalize_tensors(_read_tensors(where), where)
+    model = build_meta_model(config_dict, where, trust_remote_code)
+    quantized = _swap_in_fp8_layers(model, tensors, config, where)
+
+    expected = model.state_dict()
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise CheckpointError(f"{where}: tensors {unexpected[:5]} (of {len(unexpected)}) are not in the model")
+    mismatched = []
+    for key, tensor in tensors.items():
+        want = expected[key].shape
+        if tensor.shape != want:
+            if tensor.numel() == 1 and want.numel() == 1:  # AutoFP8 writes some scalars as [1]
+                tensors[key] = tensor.reshape(want)
+            else:
+                mismatched.append(f"{key}: file {tuple(tensor.shape)} vs model {tuple(want)}")
+    if mismatched:
+        raise CheckpointError(f"{where}: shape mismatch (config.json does not match the weights): {mismatched[:5]}")
+    model.load_state_dict(tensors, strict=False, assign=True)
+    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    missing = sorted(
+        name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta
+    )
+    if missing:
+        raise CheckpointError(f"{where}: tensors {missing[:5]} (of {len(missing)}) are missing from the checkpoint")
+    model.to(device).eval()
+    model.fp8kit_config = config
+    skipped = {n: "stored in high precision" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    model.fp8kit_report = QuantReport(quantized=quantized, skipped=skipped)
+    return model

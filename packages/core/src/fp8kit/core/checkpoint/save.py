@@ -1,0 +1,103 @@
+"""`save_quantized`: a quantized model -> a checkpoint directory in one of `FORMATS`, written atomically."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import QuantConfig
+from ..errors import CheckpointError
+from ..linear import FP8Linear
+from ..offload import offloaded_tensor
+from .formats import check_format, kv_scale_shape, layer_tensors, quantization_config_dict
+from .writer import CONFIG_NAME, atomic_directory, write_shards
+
+__all__ = ["save_quantized"]
+
+logger = logging.getLogger(__name__)
+
+
+def _unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with tied / shared tensors stored once (first name wins), contiguous, on CPU."""
+    seen: dict[tuple, str] = {}
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if tensor.is_meta:  # offloaded by accelerate: read it from its hook's offload map (CPU or disk memmap)
+            tensor = offloaded_tensor(model, name)
+            if tensor is None:
+                raise CheckpointError(f"tensor {name} is on the meta device and in no accelerate offload map; materialize it before saving")
+        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if tensor.numel() and key in seen:
+            logger.debug("not storing %s: shares storage with %s", name, seen[key])
+            continue
+        seen[key] = name
+        out[name] = tensor.detach().to("cpu").contiguous()
+    return out
+
+
+def _checkpoint_tensors(model: nn.Module, format: str) -> dict[str, torch.Tensor]:
+    """The tensors to store for `model` in `format` (scale shapes per `layer_tensors` / `kv_scale_shape`)."""
+    tensors = _unique_tensors(model)
+    kv_shape = kv_scale_shape(format)
+    for name, module in model.named_modules():
+        if isinstance(module, FP8Linear):
+            for key, tensor in layer_tensors(
+                name, tensors[f"{name}.weight"], tensors[f"{name}.weight_scale"], tensors.get(f"{name}.input_scale"), format
+            ).items():
+                if key in tensors:
+                    tensors[key] = tensor
+        for attr in ("k_scale", "v_scale"):
+            key = f"{name}.{attr}" if name else attr
+            if isinstance(getattr(module, attr, None), torch.Tensor) and key in tensors:
+                tensors[key] = tensors[key].float().reshape(kv_shape)
+    return tensors
+
+
+def save_quantized(
+    model: nn.Module,
+    path: str | os.PathLike,
+    tokenizer: Any = None,
+    *,
+    format: str = "fp8",
+    overwrite: bool = False,
+    max_shard_bytes: int = 5 * 2**30,
+) -> Path:
+    """Write `model` (quantized by `fp8kit.core.quantize`) as a checkpoint vLLM reads.
+
+    format: "fp8" (AutoFP8 / vLLM; per-tensor weights only: per-channel weights are refused) or
+        "compressed-tensors" (llm-compressor's "float-quantized"; every fp8kit scheme).
+    Atomic: everything goes to a temporary sibling directory renamed to `path` at the end.
+    """
+    check_format(format)
+    config: QuantConfig | None = getattr(model, "fp8kit_config", None)
+    if config is None:
+        raise CheckpointError("save_quantized: the model was not quantized with fp8kit.core.quantize")
+    hf_config = getattr(model, "config", None)
+    if hf_config is None or not hasattr(hf_config, "to_dict"):
+        raise CheckpointError("save_quantized: the model has no Hugging Face `config`; only transformers models can be saved")
+    config_dict = hf_config.to_dict()
+    config_dict.pop("quantization_config", None)
+    if not config_dict.get("architectures"):
+        config_dict["architectures"] = [type(model).__name__]
+    ignored = sorted(name for name, m in model.named_modules() if isinstance(m, nn.Linear))
+    kv_cache = any(isinstance(getattr(m, "k_scale", None), torch.Tensor) for m in model.modules())
+    config_dict["quantization_config"] = quantization_config_dict(config, ignored, kv_cache, format)
+    tensors = _checkpoint_tensors(model, format)
+
+    with atomic_directory(path, overwrite=overwrite) as tmp:
+        (tmp / CONFIG_NAME).write_text(json.dumps(config_dict, indent=2, sort_keys=True, default=str))
+        write_shards(tensors, tmp, max_shard_bytes)
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None:
+            generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    logger.info("saved FP8 checkpoint (%s format) to %s (%d tensors)", format, path, len(tensors))
+    return Path(path)
+
