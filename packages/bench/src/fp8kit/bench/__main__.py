@@ -26,9 +26,9 @@ import torch
 from fp8kit.core.errors import ConfigError
 
 from .backends import BACKEND_PRESETS, parse_backends
-from .report import write_report
+from .report import environment_info, write_report
 from .runner import default_dtype, run_benchmarks, run_suite
-from .timing import TimingConfig
+from .timing import HOST_CLOCKS, TimingConfig
 from .workloads import M_PRESETS, SHAPE_PRESETS, SUITES, TARGETS, ModelWorkload, linear_grid, parse_m_values, suite_parts
 
 __all__ = ["main", "build_parser"]
@@ -36,6 +36,8 @@ __all__ = ["main", "build_parser"]
 logger = logging.getLogger("fp8kit.bench")
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+#: Default --min-runs: CPU calls of a few microseconds jitter more than CUDA events.
+_MIN_RUNS = {"gpu": 10, "cpu": 30}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,12 +78,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="high-precision dtype (bf16 GPU / fp32 CPU)")
     parser.add_argument("--batch", default="1", help="model workload batch sizes, e.g. 1,8 (default 1)")
     parser.add_argument("--seq-len", default="512", help="model workload sequence lengths, e.g. 512,2048 (default 512)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (default 5; 2 on CPU)")
-    parser.add_argument("--min-runs", type=int, default=None, help="fewest timed calls (default 10; 5 on CPU)")
-    parser.add_argument("--max-runs", type=int, default=200, help="most timed calls (default 200)")
-    parser.add_argument("--budget-ms", type=float, default=None, help="time per row past min-runs (default 200; 100 on CPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (default 5; 3 on CPU; --models on CPU 1)")
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (torch.set_num_threads); default: torch's choice"
+        "--min-runs", type=int, default=None,
+        help=f"fewest timed calls (default {_MIN_RUNS['gpu']}; {_MIN_RUNS['cpu']} on CPU, where calls are jittery; "
+        "--models on CPU 2)",
+    )
+    parser.add_argument("--max-runs", type=int, default=200, help="most timed calls (default 200)")
+    parser.add_argument("--budget-ms", type=float, default=None, help="time per row past min-runs (default 200; --models on CPU 50)")
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch CPU threads (torch.set_num_threads); default 1 on a CPU run (more threads on a shared or "
+        "busy machine make medians jump by scheduler ticks), torch's choice on a GPU run; recorded in the report",
+    )
+    parser.add_argument(
+        "--clock", default=None, choices=sorted(HOST_CLOCKS),
+        help="how CPU rows are timed: wall (time.perf_counter) or cpu (time.process_time: the process's CPU time, "
+        "immune to other processes taking the core); default cpu when the run uses one thread, else wall",
     )
     parser.add_argument("--no-perplexity", action="store_true", help="skip perplexity of real-weight models")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
@@ -110,6 +123,17 @@ def _device(text: str | None) -> torch.device:
     return device
 
 
+def _pin_threads(threads: int | None, device: torch.device) -> None:
+    """torch.set_num_threads: `threads` if given, else 1 on a CPU run (intra-op threads that wait for
+    a descheduled sibling turn a microsecond GEMM into a scheduler tick), else torch's choice.
+    `environment_info` records the count in the report."""
+    if threads is None and device.type == "cpu":
+        threads = 1
+    if threads is not None:
+        torch.set_num_threads(threads)
+        logger.info("torch CPU threads: %d%s", threads, " (CPU default; --threads N to change)" if threads == 1 else "")
+
+
 def _positive_ints(text: str, option: str) -> list[int]:
     values = []
     for item in text.split(","):
@@ -123,20 +147,27 @@ def _positive_ints(text: str, option: str) -> list[int]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    # Other libraries' loggers stay at WARNING: only fp8kit's own say what they are doing.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("fp8kit").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    try:
+        device = _device(args.device)
+        if args.threads is not None and args.threads < 1:
+            raise ConfigError(f"--threads {args.threads}: give a positive number of threads")
+    except ConfigError as exc:
+        parser.error(str(exc))  # exits with status 2, usage + message on stderr, no traceback
+    _pin_threads(args.threads, device)
+    args.clock = clock = args.clock or ("cpu" if torch.get_num_threads() == 1 else "wall")
+    env = environment_info(clock)
     if args.models:  # whole-model speed (fp8kit.bench.model_speed): its own workloads and report
         from .model_speed import run_cli as _run_model_speed
 
         try:
-            _device(args.device)
             given = argv if argv is not None else sys.argv[1:]
             return _run_model_speed(args, "python -m fp8kit.bench " + " ".join(shlex.quote(a) for a in given))
         except (ConfigError, ValueError) as exc:
             parser.error(str(exc))
     try:
-        device = _device(args.device)
         gpu = device.type == "cuda"
         dtype = _DTYPES[args.dtype] if args.dtype else default_dtype(device)
         if args.suite is not None:
@@ -165,19 +196,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             workloads += [ModelWorkload(args.model, b, s) for b in batches for s in seq_lens]
         if not workloads:
             raise ConfigError("nothing to run: --shapes none and no --model")
-        if args.threads is not None and args.threads < 1:
-            raise ConfigError(f"--threads {args.threads}: give a positive number of threads")
         timing = TimingConfig(
-            warmup=args.warmup if args.warmup is not None else (5 if gpu else 2),
-            min_runs=args.min_runs if args.min_runs is not None else (10 if gpu else 5),
+            warmup=args.warmup if args.warmup is not None else (5 if gpu else 3),
+            min_runs=args.min_runs if args.min_runs is not None else _MIN_RUNS["gpu" if gpu else "cpu"],
             max_runs=max(args.max_runs, args.min_runs or 1),
-            budget_ms=args.budget_ms if args.budget_ms is not None else (200.0 if gpu else 100.0),
+            budget_ms=args.budget_ms if args.budget_ms is not None else 200.0,
+            clock=clock,
         )
     except (ConfigError, ValueError) as exc:
         parser.error(str(exc))  # exits with status 2, usage + message on stderr, no traceback
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     texts = None
     if args.model and not args.no_perplexity:
         try:
@@ -194,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.suite, targets=[p.target for p in parts], device=device, dtype=dtype, timing=timing,
             progress=not args.quiet,
         )
-        written = write_report(frame, args.out, command=command.strip(), stem=args.suite,
+        written = write_report(frame, args.out, env=env, command=command.strip(), stem=args.suite,
                                title=f"fp8kit.bench suite {args.suite}")
     else:
         logger.info(
@@ -211,9 +239,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             perplexity_texts=texts,
             progress=not args.quiet,
         )
-        written = write_report(frame, args.out, command=command.strip())
+        written = write_report(frame, args.out, env=env, command=command.strip())
     ok = int((frame["status"] == "ok").sum())
+    noisy = int(frame["noisy"].sum())
     print(f"{ok}/{len(frame)} rows ran; report: {written['markdown']} {written['csv']} (+{len(written['plots'])} plots)")
+    if noisy:
+        print(f"{noisy} rows are noisy (marked in the report): rerun on an idle machine or raise --min-runs")
     return 0
 
 

@@ -376,6 +376,9 @@ class OrtCpuBackend(Backend):
         path = Path(self._tmp.name) / f"linear_{n}x{k}.onnx"
         _export_static_linear(weight_hp, calib_x, torch.float32, path)
         options = ort.SessionOptions()
+        # As many threads as torch's rows use (1 on a CPU run by default), so ratios compare like with like.
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
         options.graph_optimization_level = (
             ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             if self.level == "disable_all"

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 
 __all__ = [
+    "NOISE_SPREAD",
+    "NOISE_DRIFT",
     "latency_stats",
     "linear_flops",
     "linear_bytes",
@@ -28,12 +30,23 @@ __all__ = [
 ]
 
 
-def latency_stats(times_ms: Sequence[float]) -> dict[str, float]:
-    """Summary of per-call latencies (ms): runs, median, p90, p99, mean, std.
+#: A row is `noisy` when (p90 - p10) / median exceeds this: a tenth of its calls took 1.5x the
+#: median longer than another tenth (preemption, frequency changes, a shared machine).
+NOISE_SPREAD = 0.5
+#: ... or when the medians of the first and second half of its calls differ by more than this
+#: fraction of the overall median (the machine's load changed during the row).
+NOISE_DRIFT = 0.25
+
+
+def latency_stats(times_ms: Sequence[float]) -> dict[str, float | bool]:
+    """Summary of per-call latencies (ms): runs, median, p90, p99, mean, std, spread, noisy.
 
     Percentiles interpolate linearly between order statistics (numpy's default, so the median of
     [1, 2, 3, 4] is 2.5); std is the sample standard deviation (ddof=1), 0.0 for a single run.
-    An empty input gives runs=0 and NaN for every statistic.
+    latency_spread = (p90 - p10) / median (dimensionless); noisy: spread > NOISE_SPREAD, or (from
+    6 runs on) the medians of the two halves of the calls, in call order, differ by more than
+    NOISE_DRIFT x the median: the median cannot be trusted, rerun on an idle machine.
+    An empty input gives runs=0, NaN for every statistic and noisy=False.
     """
     t = np.asarray(times_ms, dtype=np.float64)
     if t.size == 0:
@@ -45,16 +58,25 @@ def latency_stats(times_ms: Sequence[float]) -> dict[str, float]:
             "latency_ms_p99": nan,
             "latency_ms_mean": nan,
             "latency_ms_std": nan,
+            "latency_spread": nan,
+            "noisy": False,
         }
     if not np.all(np.isfinite(t)) or np.any(t < 0):
         raise ValueError(f"latency_stats: times must be finite and >= 0 ms, got min {t.min()} max {t.max()}")
+    median = float(np.median(t))
+    p10, p90 = (float(v) for v in np.percentile(t, [10, 90]))
+    spread = (p90 - p10) / median if median > 0 else 0.0
+    half = t.size // 2
+    drift = abs(float(np.median(t[:half])) - float(np.median(t[half:]))) / median if t.size >= 6 and median > 0 else 0.0
     return {
         "runs": int(t.size),
-        "latency_ms_median": float(np.median(t)),
-        "latency_ms_p90": float(np.percentile(t, 90)),
+        "latency_ms_median": median,
+        "latency_ms_p90": p90,
         "latency_ms_p99": float(np.percentile(t, 99)),
         "latency_ms_mean": float(t.mean()),
         "latency_ms_std": float(t.std(ddof=1)) if t.size > 1 else 0.0,
+        "latency_spread": spread,
+        "noisy": bool(spread > NOISE_SPREAD or drift > NOISE_DRIFT),
     }
 
 

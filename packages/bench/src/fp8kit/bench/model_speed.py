@@ -654,7 +654,7 @@ def add_cli_arguments(parser: Any) -> None:
 
 def run_cli(args: Any, command: str) -> int:
     """Run `--models` from parsed arguments and write report.csv / report.md under ``args.out``."""
-    from .report import write_report
+    from .report import environment_info, write_report
 
     device = torch.device(args.device) if args.device else None
     gpu = (device or torch.device("cuda" if torch.cuda.is_available() else "cpu")).type == "cuda"
@@ -667,6 +667,7 @@ def run_cli(args: Any, command: str) -> int:
         min_runs=args.min_runs if args.min_runs is not None else (10 if gpu else 2),
         max_runs=max(args.max_runs, args.min_runs or 1),
         budget_ms=args.budget_ms if args.budget_ms is not None else (200.0 if gpu else 50.0),
+        clock=args.clock or "wall",
     )
     sizes = ModelSpeedConfig(
         num_layers=args.model_layers,
@@ -678,7 +679,9 @@ def run_cli(args: Any, command: str) -> int:
     frame = run_model_speed(
         models, device=device, backends=backends, sizes=sizes, timing=timing, quantize_layers=args.quantize_layers
     )
-    written = write_report(frame, args.out, command=command, title="fp8kit.bench whole-model speed")
+    written = write_report(
+        frame, args.out, env=environment_info(timing.clock), command=command, title="fp8kit.bench whole-model speed"
+    )
     ok = int((frame["status"] == "ok").sum())
     print(f"{ok}/{len(frame)} rows ran; report: {written['markdown']} {written['csv']}")
     return 0

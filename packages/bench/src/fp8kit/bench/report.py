@@ -14,9 +14,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from .metrics import ceiling_share, floor_ms, floor_ratio
+from .metrics import NOISE_DRIFT, NOISE_SPREAD, ceiling_share, floor_ms, floor_ratio
+from .timing import HOST_CLOCKS
 from .workloads import ceiling_backend_id
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "to_markdown",
     "write_markdown",
     "write_plots",
+    "speedup_figure",
     "write_report",
     "from_pytest_benchmark_json",
 ]
@@ -74,7 +77,9 @@ COLUMNS: tuple[str, ...] = (
 #: copy_gbps / floor_ms / floor_ratio (quant rows): the copy bandwidth measured in the same run for
 #:   the same M x K and timing mode, bytes_moved at that bandwidth, and latency / floor;
 #: ceiling_backend / ceiling_ms / ceiling_share (fp8 linear rows): the bare `_scaled_mm` row of the
-#:   same shape and timing mode, its latency, and ceiling_ms / latency (1.0 = no overhead).
+#:   same shape and timing mode, its latency, and ceiling_ms / latency (1.0 = no overhead);
+#: latency_spread / noisy: (p90 - p10) / median of the row's calls, and whether its median cannot be
+#:   trusted (`metrics.latency_stats`); noisy rows are marked in the Markdown and the plots.
 EXTRA_COLUMNS: tuple[str, ...] = (
     "shape",
     "device",
@@ -94,13 +99,15 @@ EXTRA_COLUMNS: tuple[str, ...] = (
     "ceiling_backend",
     "ceiling_ms",
     "ceiling_share",
+    "latency_spread",
+    "noisy",
 )
 
 _INT_COLUMNS = ("M", "N", "K", "runs", "weight_bytes", "weight_copies", "ppl_tokens", "bytes_moved")
 _STR_COLUMNS = (
     "workload", "backend", "dtype", "status", "shape", "device", "target", "impl", "ceiling_backend", "attention"
 )
-_BOOL_COLUMNS = ("compiled",)
+_BOOL_COLUMNS = ("compiled", "noisy")
 
 
 def error_status(exc: BaseException) -> str:
@@ -139,8 +146,10 @@ def _apply_dtypes(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def environment_info() -> dict[str, str]:
-    """GPU name, driver, torch / CUDA / TensorRT / ONNX Runtime versions, host, date (UTC)."""
+def environment_info(clock: str | None = None) -> dict[str, str]:
+    """GPU name, driver, torch / CUDA / TensorRT / ONNX Runtime versions, host, date (UTC), torch's
+    intra-op CPU thread count (what CPU rows ran with; the CLI pins 1 on a CPU run) and, given the
+    run's `TimingConfig.clock`, how CPU rows were timed."""
     import importlib.metadata as md
 
     import torch
@@ -151,7 +160,10 @@ def environment_info() -> dict[str, str]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda or "none",
         "platform": platform.platform(),
+        "torch_threads": str(torch.get_num_threads()),
     }
+    if clock is not None:
+        info["cpu_timer"] = f"{clock} (time.{HOST_CLOCKS[clock]})"
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info["gpu"] = f"{props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs)"
@@ -225,6 +237,8 @@ def read_csv(path: str | Path) -> pd.DataFrame:
 def _fmt(value: Any, column: str) -> str:
     if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
         return ""
+    if column == "noisy":
+        return "noisy" if bool(value) else ""
     if isinstance(value, float):
         if math.isinf(value):
             return "inf" if value > 0 else "-inf"
@@ -255,6 +269,7 @@ _SUMMARY_COLUMNS = (
     "K",
     "latency_ms_median",
     "latency_ms_p90",
+    "noisy",
     "tflops",
     "gbps",
     "speedup_vs_baseline",
@@ -288,10 +303,19 @@ def write_markdown(
             f"Speedup is `{baseline}` median latency / the backend's median latency, measured in the same run; "
             "**bold** marks rows where the backend is slower than the baseline.\n"
         )
+    noisy = int(frame["noisy"].sum()) if "noisy" in frame.columns else 0
+    if noisy:
+        parts.append(
+            f"**{noisy} of {len(frame)} rows are noisy**: their calls spread too widely around the median "
+            f"((p90 - p10) / median > {NOISE_SPREAD}) or drifted during the run (half medians differ by more "
+            f"than {NOISE_DRIFT:.0%}), so their medians and ratios cannot be trusted; they are marked `noisy` "
+            "below and drawn hollow in the plots. Rerun on an idle machine, with `--threads 1` on a CPU, "
+            "or with a larger `--min-runs` / `--budget-ms`.\n"
+        )
     pivot = speedup_pivot(frame)
     if not pivot.empty:
         parts.append("## Speedup vs baseline (median latency)\n")
-        parts.append(_pivot_markdown(pivot))
+        parts.append(_pivot_markdown(pivot, _pivot(frame, "noisy").eq(True)))
     parts.extend(_target_sections(frame))
     not_run = frame[frame["status"] != "ok"]
     if not not_run.empty:
@@ -299,7 +323,7 @@ def write_markdown(
         parts.append("## Rows that did not run\n")
         parts.append(to_markdown(reasons, ["backend", "status", "rows"]))
     parts.append("## All rows\n")
-    cols = [c for c in _SUMMARY_COLUMNS if c in frame.columns and (c in COLUMNS or frame[c].notna().any())]
+    cols = [c for c in _SUMMARY_COLUMNS if c in frame.columns and (c in COLUMNS or _shown(frame[c]))]
     parts.append(to_markdown(frame, cols))
     return _write_text_atomic(path, "\n".join(parts))
 
@@ -307,11 +331,11 @@ def write_markdown(
 _TARGET_COLUMNS: dict[str, tuple[str, ...]] = {
     "quant": (
         "workload", "backend", "impl", "M", "K", "latency_ms_median", "gbps", "bytes_moved", "copy_gbps", "floor_ms",
-        "floor_ratio", "sqnr_db", "status",
+        "floor_ratio", "sqnr_db", "noisy", "status",
     ),
     "linear": (
         "workload", "backend", "M", "N", "K", "latency_ms_median", "tflops", "gbps", "speedup_vs_baseline",
-        "ceiling_backend", "ceiling_share", "sqnr_db", "status",
+        "ceiling_backend", "ceiling_share", "sqnr_db", "noisy", "status",
     ),
 }
 _TARGET_TITLES = {
@@ -335,29 +359,44 @@ def _target_sections(frame: pd.DataFrame) -> list[str]:
     return parts
 
 
+def _shown(column: pd.Series) -> bool:
+    """Whether a summary column has anything to show (a value, or a True flag)."""
+    return bool(column.any()) if column.dtype == bool else bool(column.notna().any())
+
+
 def speedup_pivot(frame: pd.DataFrame) -> pd.DataFrame:
     """Rows (workload, N, K, M) x columns backend -> speedup_vs_baseline, for rows that ran."""
+    return _pivot(frame, "speedup_vs_baseline")
+
+
+def _pivot(frame: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Rows (workload, N, K, M) x columns backend -> `column`, for rows that ran and have a speedup."""
     ok = frame[(frame["status"] == "ok") & frame["speedup_vs_baseline"].notna()]
     if ok.empty:
         return pd.DataFrame()
     ok = ok.assign(N=ok["N"].astype("float64"), K=ok["K"].astype("float64"), M=ok["M"].astype("int64"))
-    pivot = ok.set_index(["workload", "N", "K", "M", "backend"])["speedup_vs_baseline"]
+    pivot = ok.set_index(["workload", "N", "K", "M", "backend"])[column]
     pivot = pivot[~pivot.index.duplicated()].unstack("backend")
     order = [b for b in dict.fromkeys(frame["backend"]) if b in pivot.columns]
     return pivot[order]
 
 
-def _pivot_markdown(pivot: pd.DataFrame) -> str:
+def _pivot_markdown(pivot: pd.DataFrame, noisy: pd.DataFrame | None = None) -> str:
+    """The speedup pivot as Markdown: **bold** below 1.00x, "(noisy)" where `noisy` (same index) is True."""
     head = ["workload", "N", "K", "M"] + list(pivot.columns)
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for (workload, n, k, m), values in pivot.iterrows():
+    for index, values in pivot.iterrows():
+        workload, n, k, m = index
         cells = [str(workload), _int_or_blank(n), _int_or_blank(k), _int_or_blank(m)]
-        for v in values:
+        for backend, v in values.items():
             if v is None or (isinstance(v, float) and math.isnan(v)):
                 cells.append("")
-            else:
-                text = f"{v:.2f}x" if v >= 0.1 else f"{v:.3g}x"
-                cells.append(f"**{text}**" if v < 1 else text)
+                continue
+            text = f"{v:.2f}x" if v >= 0.1 else f"{v:.3g}x"
+            text = f"**{text}**" if v < 1 else text
+            if noisy is not None and bool(noisy.at[index, backend]):
+                text += " (noisy)"
+            cells.append(text)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -373,9 +412,9 @@ def _safe_name(text: str) -> str:
 
 
 def write_plots(frame: pd.DataFrame, out_dir: str | Path, prefix: str = "") -> list[Path]:
-    """PNG plots: speedup vs M per (N, K) shape (one file per shape, one line per backend), and
-    accuracy (SQNR in dB, median over M) per backend; file names start with `prefix`. Returns the
-    files written."""
+    """PNG plots: speedup vs M per (N, K) shape (one file per shape, one line per backend, see
+    `speedup_figure`), and accuracy (SQNR in dB, median over M) per backend; file names start with
+    `prefix`. Returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -387,30 +426,8 @@ def write_plots(frame: pd.DataFrame, out_dir: str | Path, prefix: str = "") -> l
     ok = frame[(frame["status"] == "ok")]
     linear = ok[ok["workload"].str.startswith("linear:") & ok["speedup_vs_baseline"].notna()]
     backends = list(dict.fromkeys(frame["backend"]))
-    colors = plt.get_cmap("tab20").colors
     for (n, k), shape_rows in linear.groupby(["N", "K"]):
-        fig, ax = plt.subplots(figsize=(10, 5))
-        for backend, rows in shape_rows.groupby("backend", sort=False):
-            rows = rows.sort_values("M")
-            style = ":" if backend.endswith("-graph") else ("--" if "-compiled" in backend else "-")
-            ax.plot(
-                rows["M"].astype(float),
-                rows["speedup_vs_baseline"],
-                marker="o",
-                markersize=4,
-                linestyle=style,
-                color=colors[backends.index(backend) % len(colors)],
-                label=backend,
-            )
-        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("M (rows of activation)")
-        ax.set_ylabel(f"speedup vs {frame.attrs.get('baseline', 'baseline')} (median latency)")
-        names = ", ".join(sorted(set(shape_rows["workload"].str.removeprefix("linear:"))))
-        ax.set_title(f"N x K = {n} x {k} ({names})", fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="solid eager, dashed compiled, dotted CUDA graph", title_fontsize=7)
-        fig.tight_layout()
+        fig = speedup_figure(shape_rows, backends, str(frame.attrs.get("baseline", "baseline")))
         path = _savefig(fig, out_dir / f"{prefix}speedup_{int(n)}x{int(k)}.png")
         plt.close(fig)
         written.append(path)
@@ -429,6 +446,77 @@ def write_plots(frame: pd.DataFrame, out_dir: str | Path, prefix: str = "") -> l
         plt.close(fig)
         written.append(path)
     return written
+
+
+_TIMING_STYLES = {"eager": "-", "compiled": "--", "CUDA graph": ":"}
+_LINESTYLE_NAMES = {"-": "solid", "--": "dashed", ":": "dotted"}
+_MARKERS = "osD^vPX*hp<>"
+
+
+def _timing_mode(backend: str) -> str:
+    return "CUDA graph" if backend.endswith("-graph") else ("compiled" if "-compiled" in backend else "eager")
+
+
+def _backend_style(backend: str, backends: list[str]) -> tuple[Any, str]:
+    """(colour, marker) of a backend: tab20's ten dark hues first, then their light partners, so
+    neighbours in the backend order (a scheme and its -fastacc twin) never share a hue; the marker
+    cycles independently, so even same-hue pairs differ in shape."""
+    import matplotlib.pyplot as plt
+
+    tab20 = plt.get_cmap("tab20").colors
+    palette = tab20[0::2] + tab20[1::2]
+    i = backends.index(backend) if backend in backends else len(backends)
+    return palette[i % len(palette)], _MARKERS[i % len(_MARKERS)]
+
+
+def speedup_figure(rows: pd.DataFrame, backends: list[str], baseline: str) -> Any:
+    """The speedup-vs-M figure of one (N, K) shape: one line per backend in `rows`, log-log axes
+    (speedups range over 0.02x..3x), the 1x line, and a legend naming only what is drawn: the
+    backends, the line styles (eager / compiled / CUDA graph) present, and "noisy" (hollow markers)
+    when a drawn point is noisy. Returns the matplotlib Figure."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    fig, ax = plt.subplots(figsize=(10, 5))
+    modes: set[str] = set()
+    any_noisy = False
+    for backend, group in rows.groupby("backend", sort=False):
+        group = group.sort_values("M")
+        mode = _timing_mode(str(backend))
+        modes.add(mode)
+        color, marker = _backend_style(str(backend), backends)
+        m = group["M"].astype(float).to_numpy()
+        y = group["speedup_vs_baseline"].to_numpy(dtype=float)
+        noisy = group["noisy"].to_numpy(dtype=bool) if "noisy" in group.columns else np.zeros(len(group), dtype=bool)
+        any_noisy |= bool(noisy.any())
+        ax.plot(m, y, linestyle=_TIMING_STYLES[mode], color=color, label=str(backend), marker=marker, markersize=5,
+                markevery=[i for i in range(len(m)) if not noisy[i]])
+        if noisy.any():
+            ax.plot(m[noisy], y[noisy], linestyle="none", marker=marker, markersize=7, markerfacecolor="none",
+                    markeredgecolor=color)
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}x"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("M (rows of activation)")
+    ax.set_ylabel(f"speedup vs {baseline} (median latency, log scale)")
+    n, k = int(rows["N"].iloc[0]), int(rows["K"].iloc[0])
+    names = ", ".join(sorted(set(rows["workload"].str.removeprefix("linear:"))))
+    ax.set_title(f"N x K = {n} x {k} ({names})", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if any_noisy:
+        handles.append(Line2D([], [], linestyle="none", marker="o", markerfacecolor="none", markeredgecolor="gray"))
+        labels.append("noisy (median not trusted)")
+    title = ", ".join(
+        f"{_LINESTYLE_NAMES[style]} {mode}" for mode, style in _TIMING_STYLES.items() if mode in modes
+    ) if modes - {"eager"} else None
+    ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title=title, title_fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 def _savefig(fig: Any, path: Path) -> Path:
