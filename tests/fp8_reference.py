@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from fp8kit.core import QuantConfig
-from fp8kit.core.scaling import dequantize, quantize, rowwise_scale, tensor_scale
+from fp8kit.core.scaling import block_scale, dequantize, quantize, rowwise_scale, tensor_scale
 
 SCHEMES = {
     "dynamic-tensor/w-tensor": QuantConfig(),
@@ -15,12 +15,23 @@ SCHEMES = {
     "static-tensor/w-channel": QuantConfig(activation="static", weight="channel"),
 }
 
+BLOCK = QuantConfig(weight="block", activation_granularity="group")
+
 
 def emulate(linear: nn.Linear, x: torch.Tensor, config: QuantConfig, input_scale: torch.Tensor | None) -> torch.Tensor:
     """float64 emulation of the FP8 linear: quantize both operands as specified, multiply exactly."""
     w = linear.weight.detach()
-    ws = rowwise_scale(w) if config.weight == "channel" else tensor_scale(w)
     x2 = x.reshape(-1, x.shape[-1])
+    if config.weight == "block":  # 128 x 128 weight blocks, 1 x 128 activation groups (edge blocks partial)
+        wb, xb = config.block_size, (1, config.group_size)
+        ws, xs = block_scale(w, wb), block_scale(x2, xb)
+        out = dequantize(quantize(x2, xs, block=xb), xs, torch.float64, block=xb) @ dequantize(
+            quantize(w, ws, block=wb), ws, torch.float64, block=wb
+        ).T
+        if linear.bias is not None:
+            out = out + linear.bias.double()
+        return out.reshape(*x.shape[:-1], -1)
+    ws = rowwise_scale(w) if config.weight == "channel" else tensor_scale(w)
     if config.activation == "static":
         xs = input_scale
     else:

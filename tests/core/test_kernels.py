@@ -249,7 +249,7 @@ def test_quantize_activation_on_cpu_is_the_torch_reference(monkeypatch):
     static = torch.tensor(0.01)
     q, scale = scaling.quantize_activation(x, "token", scale=static)  # a scale means static
     assert scale is static and torch.equal(q.view(torch.uint8), scaling.quantize(x, static).view(torch.uint8))
-    with pytest.raises(ValueError, match="granularity must be 'tensor' or 'token', got 'channel'"):
+    with pytest.raises(ValueError, match="granularity must be 'tensor', 'token' or 'group', got 'channel'"):
         scaling.quantize_activation(x, "channel")
 
 

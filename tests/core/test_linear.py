@@ -7,7 +7,7 @@ from torch import nn
 from fp8kit.core import FP8Linear, QuantConfig, kernels, scaling
 from fp8kit.core.scaling import tensor_scale
 
-from fp8_reference import SCHEMES, emulate
+from fp8_reference import BLOCK, SCHEMES, emulate
 
 @pytest.fixture
 def scaled_mm_calls(monkeypatch):
@@ -154,3 +154,116 @@ def test_forward_with_2d_input_skips_reshapes_and_matches_3d():
     fp8 = FP8Linear.from_linear(linear, QuantConfig(activation_granularity="token"))
     x = torch.randn(4, 32)
     assert torch.equal(fp8(x), fp8(x[None])[0])
+
+
+# ----------------------------------------------------------------------------- block-wise weights
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize(("k", "n"), [(200, 160), (576, 192), (128, 16)])
+def test_block_fp8linear_matches_emulation(k, n, bias, caplog):
+    torch.manual_seed(0)
+    linear = nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        linear.weight[:, :64] *= 50  # an outlier region: only its own blocks get a large scale
+    x = torch.randn(3, 5, k)
+    fp8 = FP8Linear.from_linear(linear, BLOCK)
+    assert fp8.weight_scale.shape == (-(-n // 128), -(-k // 128)) and fp8.weight_scale.dtype == torch.float32
+    scaling._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="fp8kit.core.scaling"):
+        out, again = fp8(x), fp8(x)
+    assert out.shape == (3, 5, n) and out.dtype == torch.float32 and torch.equal(out, again)
+    torch.testing.assert_close(out.double(), emulate(linear, x, BLOCK, None), rtol=1e-5, atol=1e-5)
+    exact = linear(x).double()
+    assert 10 * torch.log10(exact.pow(2).sum() / (out.double() - exact).pow(2).sum()) > 25
+    # CPU: torch has no block-wise scaled GEMM there; dequantize + F.linear, said once.
+    warnings = [r.getMessage() for r in caplog.records if "falls back" in r.getMessage()]
+    assert warnings == [
+        "FP8 GEMM falls back to dequantize + F.linear: torch's block-wise scaled GEMM needs a CUDA GPU of "
+        "compute capability 9.0, not device type 'cpu'"
+    ]
+
+
+def test_an_outlier_spoils_only_its_own_block():
+    torch.manual_seed(0)
+    linear = nn.Linear(512, 256, bias=False)
+    with torch.no_grad():
+        linear.weight[:128, :128] *= 1e5  # one outlier block: others fall to FP8 subnormals under its scale
+    w = linear.weight.detach().double()
+    rest = torch.ones_like(w, dtype=torch.bool)
+    rest[:128, :128] = False
+
+    def relative_error_outside(config):
+        fp8 = FP8Linear.from_linear(linear, config)
+        block = config.block_size if config.weight == "block" else None
+        back = scaling.dequantize(fp8.weight, fp8.weight_scale, torch.float64, block=block)
+        return ((back - w)[rest].norm() / w[rest].norm()).item()
+
+    block, channel = relative_error_outside(BLOCK), relative_error_outside(QuantConfig(weight="channel"))
+    assert block < 2.0**-4  # every other block keeps the plain FP8 rounding error
+    assert channel > 4 * block  # rows 0-127 share the outlier's scale per channel
+    assert relative_error_outside(QuantConfig()) > channel
+
+
+def test_block_buffers_repr_and_dtype_conversions():
+    fp8 = FP8Linear.from_linear(nn.Linear(300, 160), QuantConfig(weight="block", activation_granularity="group"))
+    assert fp8.weight.shape == (160, 300) and fp8.weight_scale.shape == (2, 3) and fp8.input_scale is None
+    assert "weight=block128x128, activation=dynamic-group1x128" in repr(fp8)
+    bits, scale = fp8.weight.view(torch.uint8).clone(), fp8.weight_scale.clone()
+    fp8.half()
+    assert fp8.weight.dtype == torch.float8_e4m3fn and torch.equal(fp8.weight.view(torch.uint8), bits)
+    assert fp8.weight_scale.dtype == torch.float32 and torch.equal(fp8.weight_scale, scale)
+    assert fp8.bias.dtype == torch.float16 and fp8(torch.randn(2, 300, dtype=torch.float16)).dtype == torch.float16
+
+
+def emulate_block_gemm(a, b, scale_a, scale_b, k_groups, v2):
+    """What torch's 1x128 x 128x128 GEMM computes from the scales *as laid out*: checks strides too."""
+    m, n = a.shape[0], b.shape[1]
+    assert a.is_contiguous() and b.stride() == (1, b.shape[0])  # row-major A, column-major B
+    assert scale_a.shape == (m, k_groups) and (scale_a.stride(0) == 1) and (k_groups == 1 or scale_a.stride(1) == m)
+    l4 = -(-k_groups // 4) * 4 if v2 else k_groups
+    assert scale_b.shape == (l4, -(-n // 128)) and scale_b.stride() == (1, l4)
+    if v2:
+        assert (scale_b[k_groups:] == 0).all()  # the padding
+    ws = scale_b[:k_groups].t()  # (N / 128, L)
+    x = scaling.dequantize(a, scale_a, block=(1, 128))
+    w = scaling.dequantize(b.t(), ws, block=(128, 128))
+    return (x @ w.T).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("k", [512, 576, 1024 + 128])  # ceil(K/128) = 4 (no padding), 5, 9
+@pytest.mark.parametrize("api", ["v2", "v1"])
+def test_block_gemm_layouts_given_to_torch(monkeypatch, k, api):
+    # The CPU build has no block-wise GEMM: pretend the device has one and check what it is given.
+    torch.manual_seed(0)
+    linear = nn.Linear(k, 272, bias=True).to(torch.bfloat16)
+    fp8 = FP8Linear.from_linear(linear, BLOCK)
+    x = torch.randn(7, k, dtype=torch.bfloat16)
+    calls = []
+    groups = -(-k // 128)
+    monkeypatch.setattr(scaling, "block_gemm_unsupported_reason", lambda device: None)
+    if api == "v2":
+        recipe = torch.nn.functional.ScalingType
+
+        def v2(a, b, scale_a, recipe_a, scale_b, recipe_b, *, output_dtype, use_fast_accum):
+            assert (recipe_a, recipe_b) == (recipe.BlockWise1x128, recipe.BlockWise128x128)
+            calls.append(output_dtype)
+            return emulate_block_gemm(a, b, scale_a, scale_b, groups, v2=True)
+
+        monkeypatch.setattr(torch.nn.functional, "scaled_mm", v2)
+    else:
+        monkeypatch.delattr(torch.nn.functional, "scaled_mm")
+
+        def v1(a, b, scale_a, scale_b, *, out_dtype, use_fast_accum):
+            calls.append(out_dtype)
+            return emulate_block_gemm(a, b, scale_a, scale_b, groups, v2=False)
+
+        monkeypatch.setattr(torch, "_scaled_mm", v1)
+    scaling._warned.clear()
+    out = fp8(x)
+    expected = emulate(linear, x, BLOCK, None)
+    torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
+    if api == "v1" and groups % 4:  # torch._scaled_mm without the padded layout: not trusted, falls back
+        assert calls == [] and "is unverified" in next(iter(scaling._warned))
+    else:
+        assert calls == [torch.bfloat16]

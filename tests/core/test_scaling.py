@@ -160,3 +160,119 @@ def test_fp8_matmul_mixed_scales_match_expanded_scales(x_rows, w_rows):
     ws_full.copy_(ws.expand(12, 1))
     assert not ws_full.is_contiguous()
     assert torch.equal(scaling.fp8_matmul(xq, wq, xs_full, ws_full, out_dtype=torch.float32), out)
+
+
+# ----------------------------------------------------------------------------- block-wise scales
+
+
+def block_reference(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """float64 amax / 448 per block by explicit loops over the blocks (partial edge blocks cut)."""
+    br, bc = block
+    rows, cols = x.shape
+    out = torch.empty(math.ceil(rows / br), math.ceil(cols / bc), dtype=torch.float64)
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            tile = x[i * br : (i + 1) * br, j * bc : (j + 1) * bc].double()
+            out[i, j] = max(tile.abs().max().item(), scaling.AMAX_FLOOR) / 448
+    return out
+
+
+def blocky_input(shape, seed=0, dtype=torch.float32):
+    """Random values whose magnitude changes by block row / column (so the scales differ), one all-zero block."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    x *= torch.exp2(torch.arange(shape[0], dtype=torch.float64) // 64 - 2)[:, None]
+    x *= torch.exp2(-(torch.arange(shape[1], dtype=torch.float64) // 96))[None, :]
+    x[:128, 128:256] = 0.0  # block (0, 1) of a 128 x 128 grid: all zero
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("shape", "block"),
+    [((300, 200), (128, 128)), ((256, 576), (128, 128)), ((576, 576), (128, 128)), ((5, 576), (1, 128)), ((48, 80), (16, 32))],
+)
+def test_block_scale_matches_float64_reference(shape, block, dtype):
+    x = blocky_input(shape, dtype=dtype)
+    scale = scaling.block_scale(x, block)
+    assert scale.dtype == torch.float32 and scale.is_contiguous()
+    assert scale.shape == (math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1]))
+    # fp32 amax / 448 correctly rounded equals the float64 quotient rounded to fp32.
+    assert torch.equal(scale, block_reference(x, block).float())
+
+
+def test_block_quantize_equals_per_block_per_tensor_quantize():
+    # Independent path: every block quantized on its own with its scalar scale, bit for bit.
+    x = blocky_input((300, 200))
+    block = (128, 128)
+    scale = scaling.block_scale(x, block)
+    q = quantize(x, scale, block=block)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == x.shape
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            rows, cols = slice(i * 128, (i + 1) * 128), slice(j * 128, (j + 1) * 128)
+            expected = quantize(x[rows, cols], scale[i, j])
+            assert torch.equal(q[rows, cols].view(torch.uint8), expected.view(torch.uint8)), (i, j)
+
+
+@pytest.mark.parametrize(("shape", "block"), [((300, 200), (128, 128)), ((7, 576), (1, 128))])
+def test_block_roundtrip_within_fp8_bound(shape, block):
+    x = blocky_input(shape, seed=3, dtype=torch.float64)
+    scale = scaling.block_scale(x, block)
+    q = quantize(x, scale, block=block)
+    back = dequantize(q, scale, torch.float64, block=block)
+    per_element = scaling.expand_block_scale(scale, shape, block).double()
+    assert ((back - x).abs() <= roundtrip_bound(x, per_element)).all()
+    # Every block that is not all zero maps its absmax onto +-448, partial edge blocks included.
+    amax_q = scaling.block_scale(q.float(), block) * 448
+    nonzero = block_reference(x, block) > scaling.AMAX_FLOOR / 448
+    assert (amax_q[nonzero] == 448).all()
+
+
+def test_all_zero_block_gets_floor_scale_and_exact_zeros():
+    x = blocky_input((256, 256))
+    scale = scaling.block_scale(x, (128, 128))
+    assert scale[0, 1].item() == pytest.approx(scaling.AMAX_FLOOR / 448) and (scale > 0).all()
+    q = quantize(x, scale, block=(128, 128))
+    assert (q[:128, 128:].float() == 0).all()
+    assert (dequantize(q, scale, block=(128, 128))[:128, 128:] == 0).all()
+
+
+def test_nan_spoils_only_its_block():
+    x = blocky_input((256, 384))
+    x[200, 300] = float("nan")  # block (1, 2)
+    scale = scaling.block_scale(x, (128, 128))
+    assert scale.isnan().nonzero().tolist() == [[1, 2]]
+    q = quantize(x, scale, block=(128, 128)).float()
+    assert q[128:, 256:].isnan().all() and not q[:128].isnan().any() and not q[:, :256].isnan().any()
+
+
+@pytest.mark.parametrize(("shape", "expected"), [((0, 200), (0, 2)), ((4, 0), (1, 0)), ((0, 0), (0, 0))])
+def test_block_scale_of_empty_tensors(shape, expected):
+    x = torch.empty(shape)
+    scale = scaling.block_scale(x, (128, 128))
+    assert scale.shape == expected
+    assert quantize(x, scale, block=(128, 128)).shape == shape
+
+
+def test_block_scale_bad_arguments():
+    with pytest.raises(ValueError, match=r"block_scale: expected a 2-D tensor, got shape \(2, 3, 4\)"):
+        scaling.block_scale(torch.zeros(2, 3, 4), (128, 128))
+    with pytest.raises(ValueError, match=r"block_scale: block must be two positive ints \(rows, cols\), got \(0, 128\)"):
+        scaling.block_scale(torch.zeros(2, 3), (0, 128))
+    with pytest.raises(
+        ValueError, match=r"a 300 x 200 tensor in 128 x 128 blocks needs scales of shape \(3, 2\), got \(2, 2\)"
+    ):
+        quantize(torch.zeros(300, 200), torch.ones(2, 2), block=(128, 128))
+
+
+def test_quantize_weight_block_and_activation_group():
+    w = blocky_input((300, 200), seed=5, dtype=torch.bfloat16)
+    q, s = scaling.quantize_weight(w, "block", (128, 128))
+    assert s.shape == (3, 2) and s.is_contiguous() and torch.equal(s, scaling.block_scale(w, (128, 128)))
+    assert torch.equal(q.view(torch.uint8), quantize(w, s, block=(128, 128)).view(torch.uint8))
+    x = blocky_input((9, 200), seed=6, dtype=torch.bfloat16)
+    xq, xs = scaling.quantize_activation(x, "group", group_size=128)
+    assert xs.shape == (9, 2) and xs.stride() == (1, 9)  # column-major: torch's block-wise GEMM layout
+    assert torch.equal(xs, scaling.block_scale(x, (1, 128)))
+    assert torch.equal(xq.view(torch.uint8), quantize(x, xs, block=(1, 128)).view(torch.uint8))

@@ -11,7 +11,7 @@ from tiny_models import make_tiny_llama
 def test_config_validation_errors():
     with pytest.raises(ConfigError, match="activation_granularity='token' needs activation='dynamic'"):
         QuantConfig(activation="static", activation_granularity="token")
-    with pytest.raises(ConfigError, match=r"QuantConfig.weight='row' is not one of \['tensor', 'channel'\]"):
+    with pytest.raises(ConfigError, match=r"QuantConfig.weight='row' is not one of \['tensor', 'channel', 'block'\]"):
         QuantConfig(weight="row")
     with pytest.raises(ConfigError, match="bad regex"):
         QuantConfig(ignore=["re:("])
@@ -19,6 +19,35 @@ def test_config_validation_errors():
         QuantConfig.from_dict({"weights": "tensor"})
     with pytest.raises(ConfigError, match="must be a QuantConfig"):
         quantize(nn.Linear(16, 16), {"weight": "tensor"})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(weight="block", activation="static"), "weight='block' needs activation='dynamic'"),
+        (dict(weight="block", activation="static", activation_granularity="group"), "weight='block' needs activation='dynamic'"),
+        (dict(activation="static", activation_granularity="group"), "activation_granularity='group' needs activation='dynamic'"),
+        (dict(weight="block"), "weight='block' with activation_granularity='tensor': block weights go with 1 x group_size"),
+        (dict(weight="block", activation_granularity="token"), "weight='block' with activation_granularity='token'"),
+        (dict(weight="channel", activation_granularity="group"), "weight='channel' with activation_granularity='group'"),
+        (dict(weight="block", activation_granularity="group", group_size=64), r"group_size=64 must equal block_size\[1\]=128"),
+        (dict(weight="block", activation_granularity="group", block_size=(128, 100)), r"block_size=\(128, 100\) must be multiples of 16"),
+        (dict(block_size=(128,)), r"block_size=\(128,\) must be two positive ints"),
+        (dict(block_size=(0, 128)), r"block_size=\(0, 128\) must be two positive ints"),
+        (dict(group_size=0), "group_size=0 must be a positive int"),
+    ],
+)
+def test_block_config_validation(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        QuantConfig(**kwargs)
+
+
+def test_block_config_round_trips_through_dict():
+    config = QuantConfig(weight="block", activation_granularity="group", block_size=(64, 128), group_size=128)
+    data = config.to_dict()
+    assert data["block_size"] == [64, 128] and data["group_size"] == 128
+    assert QuantConfig.from_dict(data) == config  # JSON lists back to the tuple
+    assert QuantConfig(weight="block", activation_granularity="group").block_size == (128, 128)
 
 
 def test_ignore_and_shape_rules_reported_by_name():

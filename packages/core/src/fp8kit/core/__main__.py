@@ -42,8 +42,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="Hugging Face model directory, .gguf file, or 'default' (embedded SmolLM2-135M)")
     p.add_argument("out_dir", type=Path, help="output checkpoint directory (AutoFP8 / vLLM 'fp8' format)")
     p.add_argument("--activation", choices=["dynamic", "static"], default="dynamic")
-    p.add_argument("--activation-granularity", choices=["tensor", "token"], default="tensor")
-    p.add_argument("--weight", choices=["tensor", "channel"], default="tensor")
+    p.add_argument(
+        "--activation-granularity",
+        choices=["tensor", "token", "group"],
+        default=None,
+        help="dynamic activation scales per tensor, per token (row) or per 1 x GROUP_SIZE group along K "
+        "(default: group with --weight block, else tensor)",
+    )
+    p.add_argument(
+        "--weight",
+        choices=["tensor", "channel", "block"],
+        default="tensor",
+        help="weight scales per tensor, per output channel, or per BLOCK_SIZE block (DeepSeek-V3 style)",
+    )
+    p.add_argument(
+        "--block-size",
+        type=int,
+        nargs=2,
+        metavar=("ROWS", "COLS"),
+        default=(128, 128),
+        help="weight block for --weight block (default 128 128)",
+    )
+    p.add_argument("--group-size", type=int, default=None, help="activation group along K (default: block COLS)")
     p.add_argument(
         "--format",
         choices=list(FORMATS),
@@ -148,12 +168,15 @@ def run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     ignore = {} if args.ignore is None else {"ignore": tuple(args.ignore)}
+    granularity = args.activation_granularity or ("group" if args.weight == "block" else "tensor")
     config = QuantConfig(
         weight=args.weight,
         activation=args.activation,
-        activation_granularity=args.activation_granularity,
+        activation_granularity=granularity,
         kv_cache=args.kv_cache,
         use_fast_accum=args.fast_accum,
+        block_size=tuple(args.block_size),
+        group_size=args.block_size[1] if args.group_size is None else args.group_size,
         **ignore,
     )
     if config.weight == "channel" and args.format == "fp8":

@@ -11,14 +11,14 @@ from .errors import ConfigError
 
 __all__ = ["QuantConfig", "WeightGranularity", "ActivationScheme", "ActivationGranularity"]
 
-WeightGranularity = Literal["tensor", "channel"]
+WeightGranularity = Literal["tensor", "channel", "block"]
 ActivationScheme = Literal["dynamic", "static"]
-ActivationGranularity = Literal["tensor", "token"]
+ActivationGranularity = Literal["tensor", "token", "group"]
 
 _CHOICES = {
-    "weight": ("tensor", "channel"),
+    "weight": ("tensor", "channel", "block"),
     "activation": ("dynamic", "static"),
-    "activation_granularity": ("tensor", "token"),
+    "activation_granularity": ("tensor", "token", "group"),
 }
 
 
@@ -26,10 +26,15 @@ _CHOICES = {
 class QuantConfig:
     """How to quantize a model to FP8 E4M3.
 
-    weight: "tensor" (one scale per weight) or "channel" (one scale per output row, [N,1]).
+    weight: "tensor" (one scale per weight), "channel" (one scale per output row, [N,1]) or
+        "block" (one scale per `block_size` block of [N, K], DeepSeek-V3 style; needs
+        activation_granularity="group").
     activation: "dynamic" (scale computed from each input at run time) or "static"
         (one per-tensor scale per layer, from calibration).
-    activation_granularity: "tensor" or "token" (one scale per row of the input; dynamic only).
+    activation_granularity: "tensor", "token" (one scale per row of the input; dynamic only) or
+        "group" (one scale per 1 x `group_size` group of a row along K; dynamic, block weights only).
+    block_size: (rows, cols) of a weight block for weight="block", default (128, 128).
+    group_size: elements per activation group along K for "group"; must equal block_size[1].
     ignore: module names to keep in high precision: exact qualified names, or regexes written
         as "re:<pattern>" (matched with `re.fullmatch`).
     kv_cache: also calibrate per-layer static FP8 scales of the attention keys and values.
@@ -42,16 +47,31 @@ class QuantConfig:
     ignore: tuple[str, ...] = field(default=("re:.*lm_head",))
     kv_cache: bool = False
     use_fast_accum: bool = False
+    block_size: tuple[int, int] = (128, 128)
+    group_size: int = 128
 
     def __post_init__(self) -> None:
         for name, choices in _CHOICES.items():
             value = getattr(self, name)
             if value not in choices:
                 raise ConfigError(f"QuantConfig.{name}={value!r} is not one of {list(choices)}")
-        if self.activation == "static" and self.activation_granularity == "token":
+        self._check_blocks()
+        if self.activation == "static" and self.weight == "block":
             raise ConfigError(
-                "QuantConfig: activation_granularity='token' needs activation='dynamic' "
+                "QuantConfig: weight='block' needs activation='dynamic': block-wise checkpoints quantize "
+                "activations per 1 x group_size group at run time (vLLM, transformers and torch's block-wise "
+                "GEMM take no static scales); use activation='dynamic', activation_granularity='group'"
+            )
+        if self.activation == "static" and self.activation_granularity in ("token", "group"):
+            raise ConfigError(
+                f"QuantConfig: activation_granularity={self.activation_granularity!r} needs activation='dynamic' "
                 "(static scales are per tensor)"
+            )
+        if (self.weight == "block") != (self.activation_granularity == "group"):
+            raise ConfigError(
+                f"QuantConfig: weight={self.weight!r} with activation_granularity={self.activation_granularity!r}: "
+                "block weights go with 1 x group_size activation groups and nothing else (the pairing torch's "
+                "block-wise GEMM, vLLM and transformers run); use weight='block', activation_granularity='group'"
             )
         if isinstance(self.ignore, str):
             raise ConfigError("QuantConfig.ignore must be a list of names or 're:' patterns, not one string")
@@ -62,6 +82,31 @@ class QuantConfig:
                     re.compile(pattern[3:])
                 except re.error as exc:
                     raise ConfigError(f"QuantConfig.ignore: bad regex {pattern!r}: {exc}") from exc
+
+    def _check_blocks(self) -> None:
+        block = self.block_size
+        if isinstance(block, list):  # from JSON
+            block = tuple(block)
+        if (
+            not isinstance(block, tuple)
+            or len(block) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)
+        ):
+            raise ConfigError(f"QuantConfig.block_size={self.block_size!r} must be two positive ints (rows, cols)")
+        object.__setattr__(self, "block_size", block)
+        group = self.group_size
+        if not isinstance(group, int) or isinstance(group, bool) or group <= 0:
+            raise ConfigError(f"QuantConfig.group_size={group!r} must be a positive int")
+        if self.weight == "block":
+            if any(b % 16 for b in block):
+                raise ConfigError(
+                    f"QuantConfig.block_size={block} must be multiples of 16 (FP8 GEMM tiles); the common one is (128, 128)"
+                )
+            if group != block[1]:
+                raise ConfigError(
+                    f"QuantConfig.group_size={group} must equal block_size[1]={block[1]} (the activation groups "
+                    "along K line up with the weight blocks, as every block-wise FP8 GEMM needs)"
+                )
 
     def is_ignored(self, name: str) -> bool:
         """True when the module `name` matches an `ignore` entry."""
@@ -77,6 +122,7 @@ class QuantConfig:
         """A JSON-serializable dict of every field."""
         out = dataclasses.asdict(self)
         out["ignore"] = list(self.ignore)
+        out["block_size"] = list(self.block_size)
         return out
 
     @classmethod

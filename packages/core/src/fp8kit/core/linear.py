@@ -20,7 +20,9 @@ class FP8Linear(nn.Module):
 
     Buffers:
         weight: float8_e4m3fn [N, K] contiguous (N = out_features, K = in_features).
-        weight_scale: fp32 [] (per tensor) or [N, 1] (per channel); W ≈ weight * weight_scale.
+        weight_scale: fp32 [] (per tensor), [N, 1] (per channel) or, for block weights,
+            [ceil(N / bn), ceil(K / bk)] (one per `block_size` (bn, bk) block, edge blocks partial);
+            W ≈ weight * weight_scale (broadcast, or repeated over each block).
         input_scale: fp32 [] for static activations (from calibration), else None.
     Parameter:
         bias: [N] in the model's dtype, or None.
@@ -36,6 +38,7 @@ class FP8Linear(nn.Module):
         activation: str = "dynamic",
         activation_granularity: str = "tensor",
         use_fast_accum: bool = False,
+        block_size: tuple[int, int] = (128, 128),
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
@@ -46,7 +49,12 @@ class FP8Linear(nn.Module):
         self.activation = activation
         self.activation_granularity = activation_granularity
         self.use_fast_accum = use_fast_accum
-        scale_shape = (out_features, 1) if weight_granularity == "channel" else ()
+        self.block_size = tuple(block_size)  # (bn, bk): used by block weights (and their 1 x bk activation groups)
+        if weight_granularity == "block":
+            bn, bk = self.block_size
+            scale_shape = (-(-out_features // bn), -(-in_features // bk))
+        else:
+            scale_shape = (out_features, 1) if weight_granularity == "channel" else ()
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=scaling.FP8_DTYPE, device=device))
         self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=torch.float32, device=device))
         input_scale = torch.ones((), dtype=torch.float32, device=device) if activation == "static" else None
@@ -70,11 +78,12 @@ class FP8Linear(nn.Module):
             activation=config.activation,
             activation_granularity=config.activation_granularity,
             use_fast_accum=config.use_fast_accum,
+            block_size=config.block_size,
             device=weight_hp.device,
             dtype=weight_hp.dtype,
         )
-        # Triton kernels on a GPU (no fp32 temporaries), else torch: weight_scale (N, 1) or ().
-        weight_fp8, weight_scale = scaling.quantize_weight(weight_hp, config.weight)
+        # Triton kernels on a GPU (no fp32 temporaries), else torch: weight_scale (N, 1), () or blocks.
+        weight_fp8, weight_scale = scaling.quantize_weight(weight_hp, config.weight, config.block_size)
         new.weight.copy_(weight_fp8)
         new.weight_scale.copy_(weight_scale)
         if config.activation == "static":
@@ -88,6 +97,20 @@ class FP8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.dim() == 2  # (M, K) already: no reshapes (each costs host time in eager decode)
         x2d = x if flat else x.reshape(-1, self.in_features)  # (M, K), M = prod(leading dims)
+        if self.weight_granularity == "block":
+            # x_scale (M, ceil(K / bk)) column-major: Triton kernel on GPU in eager, torch ops when compiled.
+            x_fp8, x_scale = scaling.quantize_activation(x2d, "group", group_size=self.block_size[1])
+            out = scaling.fp8_block_matmul(
+                x_fp8,
+                self.weight,
+                x_scale,
+                self.weight_scale,
+                self.block_size,
+                bias=self.bias,
+                out_dtype=x.dtype,
+                use_fast_accum=self.use_fast_accum,
+            )  # (M, N)
+            return out if flat else out.reshape(*x.shape[:-1], self.out_features)
         # Triton kernels on GPU in eager; the torch reference ops under torch.compile.
         x_fp8, x_scale = scaling.quantize_activation(x2d, self.activation_granularity, self.input_scale)
         out = scaling.fp8_matmul(
@@ -116,7 +139,11 @@ class FP8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         act = f"{self.activation}-{self.activation_granularity}"
+        weight = self.weight_granularity
+        if weight == "block":
+            weight = f"block{self.block_size[0]}x{self.block_size[1]}"
+            act = f"{act}1x{self.block_size[1]}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"weight={self.weight_granularity}, activation={act}, use_fast_accum={self.use_fast_accum}"
+            f"weight={weight}, activation={act}, use_fast_accum={self.use_fast_accum}"
         )

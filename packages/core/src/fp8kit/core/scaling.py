@@ -3,7 +3,9 @@
 `scale` is always the dequantization multiplier: ``x ≈ q * scale`` with ``scale = amax / 448``,
 the convention of `torch._scaled_mm`, ONNX DequantizeLinear, vLLM and compressed-tensors.
 Per-tensor scales are 0-dim fp32 tensors; row-wise scales (per-channel weights, per-token
-activations) are fp32 [rows, 1].
+activations) are fp32 [rows, 1]; block-wise scales (DeepSeek-V3 style: one per 128 x 128 block of a
+weight [N, K], one per 1 x 128 group of an activation row) are fp32 [ceil(rows / br), ceil(cols / bc)]
+for blocks of br x bc elements, partial blocks at the edges scaled by the amax of their real elements.
 """
 
 from __future__ import annotations
@@ -22,12 +24,16 @@ __all__ = [
     "amax_to_scale",
     "tensor_scale",
     "rowwise_scale",
+    "block_scale",
+    "expand_block_scale",
     "quantize",
     "quantize_activation",
     "quantize_weight",
     "dequantize",
     "fp8_matmul",
+    "fp8_block_matmul",
     "scaled_mm_unsupported_reason",
+    "block_gemm_unsupported_reason",
 ]
 
 logger = logging.getLogger(__name__)
@@ -68,20 +74,64 @@ def rowwise_scale(x: torch.Tensor) -> torch.Tensor:
     return amax_to_scale(x.abs().amax(dim=-1, keepdim=True))
 
 
+def _check_block(block: tuple[int, int], where: str) -> tuple[int, int]:
+    if len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
+        raise ValueError(f"{where}: block must be two positive ints (rows, cols), got {block!r}")
+    return int(block[0]), int(block[1])
+
+
+def block_scale(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """One scale per (br x bc) block of a 2-D `x` [R, C]: fp32 [ceil(R / br), ceil(C / bc)] = block absmax / 448.
+
+    Blocks at the bottom / right edges are partial: their amax is over their real elements only
+    (DeepSeek-V3 pads with zeros for the amax and drops the padding, which is the same). NaN in a
+    block makes its scale NaN (as `torch.amax`). Weights use block (128, 128) on [N, K]; activation
+    groups use (1, group_size) on [M, K].
+    """
+    br, bc = _check_block(block, "block_scale")
+    if x.dim() != 2:
+        raise ValueError(f"block_scale: expected a 2-D tensor, got shape {tuple(x.shape)}")
+    rows, cols = x.shape
+    nr, nc = -(-rows // br), -(-cols // bc)
+    if x.numel() == 0:
+        return amax_to_scale(torch.zeros(nr, nc, device=x.device))
+    # Zero padding leaves every block's amax unchanged (|x| >= 0) and makes the blocks a plain reshape.
+    padded = F.pad(x.abs(), (0, nc * bc - cols, 0, nr * br - rows))  # (nr * br, nc * bc)
+    amax = padded.reshape(nr, br, nc, bc).amax(dim=(1, 3))  # (nr, nc)
+    return amax_to_scale(amax)
+
+
+def expand_block_scale(scale: torch.Tensor, shape: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:
+    """Block scales [ceil(R / br), ceil(C / bc)] repeated to one per element: [R, C] (the edge blocks cut)."""
+    br, bc = _check_block(block, "expand_block_scale")
+    rows, cols = shape
+    expected = (-(-rows // br), -(-cols // bc))
+    if tuple(scale.shape) != expected:
+        raise ValueError(
+            f"expand_block_scale: a {rows} x {cols} tensor in {br} x {bc} blocks needs scales of shape {expected}, "
+            f"got {tuple(scale.shape)}"
+        )
+    return scale.repeat_interleave(br, dim=0)[:rows].repeat_interleave(bc, dim=1)[:, :cols]  # (R, C)
+
+
 def quantize(
     x: torch.Tensor,
     scale: torch.Tensor,
     *,
+    block: tuple[int, int] | None = None,
     out: torch.Tensor | None = None,
     workspace: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """float8_e4m3fn ``clamp(x / scale, -448, 448)``; `scale` broadcasts against `x`.
 
+    With `block` (br, bc), `scale` holds one value per block of the 2-D `x` (see `block_scale`).
     Clamping before the cast saturates out-of-range values instead of relying on the
     cast's (library-dependent) overflow behaviour. NaN stays NaN.
     out (float8_e4m3fn) and workspace (fp32), both shaped like `x`, are optional buffers that
     only save allocations (same bits): `fp8kit.core.streaming` reuses them across row blocks.
     """
+    if block is not None:
+        scale = expand_block_scale(scale, tuple(x.shape), block)
     if out is None and workspace is None:
         return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     x_fp32 = x.to(torch.float32, copy=True) if workspace is None else workspace.copy_(x)
@@ -90,14 +140,16 @@ def quantize(
 
 
 def quantize_activation(
-    x2d: torch.Tensor, granularity: str = "tensor", scale: torch.Tensor | None = None
+    x2d: torch.Tensor, granularity: str = "tensor", scale: torch.Tensor | None = None, group_size: int = 128
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize an activation x2d [M, K]: returns (fp8 [M, K], scale).
 
     With `scale` (fp32, one element): static, the same scale is returned. Without: dynamic, with
-    `granularity` "tensor" (scale fp32 []) or "token" (scale fp32 [M, 1]). Runs the Triton kernels
-    of `kernels` where they can run (CUDA, compute capability >= 8.9, triton importable), else the
-    torch reference (`tensor_scale` / `rowwise_scale` + `quantize`); both give identical bits.
+    `granularity` "tensor" (scale fp32 []), "token" (scale fp32 [M, 1]) or "group" (one scale per
+    1 x `group_size` group along K: fp32 [M, ceil(K / group_size)], column-major, i.e. strides
+    (1, M), the layout torch's block-wise GEMM takes). Runs the Triton kernels of `kernels` where
+    they can run (CUDA, compute capability >= 8.9, triton importable), else the torch reference
+    (`tensor_scale` / `rowwise_scale` / `block_scale` + `quantize`); both give identical bits.
     Under `torch.compile` it is always the torch reference: the compiler fuses those ops itself
     (near the memory floor) and traces them without graph breaks.
     """
@@ -108,6 +160,12 @@ def quantize_activation(
                 scale = scale.to(device=x2d.device, dtype=torch.float32)
             return kernels.quantize_static(x2d, scale), scale
         return quantize(x2d, scale), scale
+    if granularity == "group":
+        if fast:
+            return kernels.quantize_per_group(x2d, group_size)
+        block = (1, group_size)
+        x_scale = block_scale(x2d, block).t().contiguous().t()  # (M, G), strides (1, M)
+        return quantize(x2d, x_scale, block=block), x_scale
     if granularity == "token":
         if fast:
             return kernels.quantize_per_token(x2d)
@@ -117,18 +175,29 @@ def quantize_activation(
             return kernels.quantize_per_tensor(x2d)
         x_scale = tensor_scale(x2d)
     else:
-        raise ValueError(f"quantize_activation: granularity must be 'tensor' or 'token', got {granularity!r}")
+        raise ValueError(
+            f"quantize_activation: granularity must be 'tensor', 'token' or 'group', got {granularity!r}"
+        )
     return quantize(x2d, x_scale), x_scale
 
 
-def quantize_weight(weight_hp: torch.Tensor, granularity: str = "tensor") -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize a weight [N, K]: returns (fp8 [N, K], scale fp32 [] or, for "channel", [N, 1]).
+def quantize_weight(
+    weight_hp: torch.Tensor, granularity: str = "tensor", block_size: tuple[int, int] = (128, 128)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a weight [N, K]: returns (fp8 [N, K], scale fp32).
 
-    On a GPU the Triton kernels allocate only the fp8 output (the torch path makes several fp32
-    temporaries of the weight's size); results are identical. Under `torch.compile`: the torch path.
+    granularity "tensor": scale []; "channel": [N, 1]; "block": one scale per `block_size` block,
+    [ceil(N / bn), ceil(K / bk)] contiguous (`block_scale`). For "tensor" / "channel" on a GPU the
+    Triton kernels allocate only the fp8 output (the torch path makes several fp32 temporaries of
+    the weight's size); results are identical. Under `torch.compile`: the torch path.
     """
-    if granularity not in ("tensor", "channel"):
-        raise ValueError(f"quantize_weight: granularity must be 'tensor' or 'channel', got {granularity!r}")
+    if granularity not in ("tensor", "channel", "block"):
+        raise ValueError(
+            f"quantize_weight: granularity must be 'tensor', 'channel' or 'block', got {granularity!r}"
+        )
+    if granularity == "block":
+        scale = block_scale(weight_hp, block_size)
+        return quantize(weight_hp, scale, block=block_size), scale
     if (
         not torch.compiler.is_compiling()
         and weight_hp.dim() == 2
@@ -141,8 +210,13 @@ def quantize_weight(weight_hp: torch.Tensor, granularity: str = "tensor") -> tup
     return quantize(weight_hp, scale), scale
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``q * scale`` computed in fp32, returned in `dtype`; `scale` broadcasts against `q`."""
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32, *, block: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """``q * scale`` computed in fp32, returned in `dtype`; `scale` broadcasts against `q`, or with
+    `block` (br, bc) holds one value per block of the 2-D `q` (see `block_scale`)."""
+    if block is not None:
+        scale = expand_block_scale(scale, tuple(q.shape), block)
     return (q.float() * scale).to(dtype)
 
 
@@ -332,3 +406,145 @@ def fp8_matmul(
     if bias is not None and fused_bias is None:
         out = out.float() + bias.float()
     return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
+# ----------------------------------------------------------------------------- block-wise GEMM
+
+#: The one block shape torch's block-wise scaled GEMM runs: 128 x 128 weight blocks with 1 x 128
+#: activation groups (cuBLASLt "VEC128" x "BLK128x128"). Other block sizes take the fallback.
+TORCH_BLOCK = (128, 128)
+_block_gemm_reasons: dict[torch.device, str | None] = {}
+
+
+def _cuda_version() -> tuple[int, ...]:
+    return tuple(int(p) for p in (torch.version.cuda or "0").split(".")[:2])
+
+
+@torch.compiler.assume_constant_result  # a fact about the device: torch.compile evaluates it once
+def block_gemm_unsupported_reason(device: torch.device) -> str | None:
+    """Why torch's block-wise (1 x 128 by 128 x 128) scaled GEMM cannot run on `device`, or None.
+
+    It runs on compute capability 9.0 (Hopper) only, with CUDA / cuBLASLt >= 12.9 (torch's check);
+    the CPU build has no block-wise scaled GEMM. Cached per device.
+    """
+    reason = _block_gemm_reasons.get(device, _UNKNOWN)
+    if reason is not _UNKNOWN:
+        return reason
+    if device.type != "cuda":
+        reason = f"torch's block-wise scaled GEMM needs a CUDA GPU of compute capability 9.0, not device type {device.type!r}"
+    else:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        if (major, minor) != (9, 0):
+            name = torch.cuda.get_device_name(index)
+            reason = (
+                f"{name} has compute capability {major}.{minor}; torch's block-wise scaled GEMM runs on 9.0 (Hopper) only"
+            )
+        elif _cuda_version() < (12, 9):
+            reason = f"torch {torch.__version__} is built with CUDA {torch.version.cuda}; block-wise FP8 GEMMs need 12.9 or newer"
+        if device.index is None:  # "cuda" alone follows the current device
+            return reason
+    _block_gemm_reasons[device] = reason
+    return reason
+
+
+def _reference_block_matmul(
+    x_fp8: torch.Tensor,
+    weight_fp8: torch.Tensor,
+    x_scale: torch.Tensor,
+    weight_scale: torch.Tensor,
+    block_size: tuple[int, int],
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    x_hp = dequantize(x_fp8, x_scale, block=(1, block_size[1]))  # (M, K) fp32
+    out = F.linear(x_hp, dequantize(weight_fp8, weight_scale, block=block_size))  # (M, N) fp32
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
+def _block_scaled_mm(
+    x_fp8: torch.Tensor,
+    weight_fp8: torch.Tensor,
+    x_scale: torch.Tensor,
+    weight_scale: torch.Tensor,
+    out_dtype: torch.dtype,
+    use_fast_accum: bool,
+) -> torch.Tensor:
+    """torch's 1 x 128 by 128 x 128 scaled GEMM: (M, N) in `out_dtype`, no bias.
+
+    Layouts (torch ScaledBlas, A = x [M, K] row-major, B = ``weight.t()`` [K, N] column-major,
+    L = ceil(K / 128)): scale_a (M, L) with strides (1, M); scale_b for `F.scaled_mm` (torch >= 2.10)
+    (L4, ceil(N / 128)) with strides (1, L4), L4 = L rounded up to a multiple of 4 (zero padded);
+    `torch._scaled_mm` (older torch) takes ``weight_scale.t()`` unpadded, so it is used only when
+    L % 4 == 0 (the padding is then empty and both layouts are the same view).
+    """
+    m = x_fp8.shape[0]
+    if x_scale.stride(0) != 1 or (x_scale.shape[1] > 1 and x_scale.stride(1) != m):
+        x_scale = x_scale.t().contiguous().t()  # (M, L), strides (1, M)
+    groups = weight_scale.shape[1]  # L
+    pad = -groups % 4
+    scaled_mm_v2 = getattr(F, "scaled_mm", None)
+    if scaled_mm_v2 is not None:
+        scale_b = (F.pad(weight_scale, (0, pad)) if pad else weight_scale).t()  # (L4, N / 128), strides (1, L4)
+        recipe = F.ScalingType
+        return scaled_mm_v2(
+            x_fp8, weight_fp8.t(), x_scale, recipe.BlockWise1x128, scale_b, recipe.BlockWise128x128,
+            output_dtype=out_dtype, use_fast_accum=use_fast_accum,
+        )  # fmt: skip
+    if pad:
+        raise RuntimeError(
+            f"torch {torch.__version__} has no F.scaled_mm, and torch._scaled_mm's block-wise layout for "
+            f"ceil(K / 128) = {groups} (not a multiple of 4) is unverified"
+        )
+    out = torch._scaled_mm(
+        x_fp8, weight_fp8.t(), x_scale, weight_scale.t(), out_dtype=out_dtype, use_fast_accum=use_fast_accum
+    )
+    return out[0] if isinstance(out, tuple) else out
+
+
+def fp8_block_matmul(
+    x_fp8: torch.Tensor,
+    weight_fp8: torch.Tensor,
+    x_scale: torch.Tensor,
+    weight_scale: torch.Tensor,
+    block_size: tuple[int, int] = TORCH_BLOCK,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    use_fast_accum: bool = False,
+) -> torch.Tensor:
+    """Block-wise scaled ``(x_fp8 * x_scale) @ (weight_fp8 * weight_scale).T + bias`` in `out_dtype`: [M, N].
+
+    x_fp8: fp8 [M, K] row-major; x_scale: fp32 [M, ceil(K / bk)], one per 1 x bk group (any
+    strides; column-major saves a copy); weight_fp8: fp8 [N, K] contiguous; weight_scale: fp32
+    [ceil(N / bn), ceil(K / bk)] for `block_size` (bn, bk); bias: [N] or None. Runs torch's
+    block-wise scaled GEMM where it can (compute capability 9.0, CUDA >= 12.9, block (128, 128));
+    elsewhere, or where torch rejects the call, dequantizes and calls `F.linear` (the same
+    function in fp32), with one logged warning. The bias is added after the GEMM, in fp32.
+    """
+    m, n = x_fp8.shape[0], weight_fp8.shape[0]
+    if m == 0:
+        return torch.zeros(0, n, dtype=out_dtype, device=x_fp8.device)
+    compiling = torch.compiler.is_compiling()
+    reason = block_gemm_unsupported_reason(x_fp8.device)
+    if reason is None and tuple(block_size) != TORCH_BLOCK:
+        reason = f"torch's block-wise scaled GEMM takes 128 x 128 blocks only, not {tuple(block_size)}"
+    if reason is not None:
+        if not compiling:  # logging would break the graph
+            _warn_once(reason)
+        return _reference_block_matmul(x_fp8, weight_fp8, x_scale, weight_scale, block_size, bias, out_dtype)
+    if compiling:
+        out = _block_scaled_mm(x_fp8, weight_fp8, x_scale, weight_scale, out_dtype, use_fast_accum)
+    else:
+        try:
+            out = _block_scaled_mm(x_fp8, weight_fp8, x_scale, weight_scale, out_dtype, use_fast_accum)
+        except RuntimeError as exc:
+            _warn_once(
+                f"torch's block-wise scaled GEMM rejected {tuple(x_fp8.shape)} x {tuple(weight_fp8.shape)} -> "
+                f"{out_dtype}: {exc}"
+            )
+            return _reference_block_matmul(x_fp8, weight_fp8, x_scale, weight_scale, block_size, bias, out_dtype)
+    if bias is not None:
+        out = (out.float() + bias.float()).to(out_dtype)
+    return out
