@@ -27,11 +27,18 @@ from fp8kit.core import FP8Linear, QuantConfig, kernels, scaling
 NAN, INF = float("nan"), float("inf")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Block sizes small enough that small tensors take the looping / multi-block / two-launch paths.
-SMALL_BLOCKS = {"_MAX_ONE_PASS_K": 64, "_LOOP_BLOCK_K": 32, "_SMALL_NUMEL": 0, "_FLAT_BLOCK_SMALL": 128}
+SMALL_BLOCKS = {
+    "_MAX_ONE_PASS_K": 64, "_LOOP_BLOCK_K": 32, "_SMALL_NUMEL": 0, "_FLAT_BLOCK_SMALL": 128,
+    "_GROUP_TILE_K": 64, "_GROUP_TILE": 128,  # per-group: one group per tile column, several row tiles
+}  # fmt: skip
 # Per-tensor one-launch kernel: several amax steps per program, several programs.
 SMALL_ONE_LAUNCH = {"_SMALL_BLOCK_A": 256, "_SMALL_SLICE": 64}
 MIN_INTERPRETER_TRITON = (3, 9)  # the interpreter version CI uses (tox); 3.6's fails under numpy 2
-KNOBS = ("_MAX_ONE_PASS_K", "_LOOP_BLOCK_K", "_SMALL_NUMEL", "_FLAT_BLOCK_SMALL", "_SMALL_BLOCK_A", "_SMALL_SLICE")
+KNOBS = (
+    "_MAX_ONE_PASS_K", "_LOOP_BLOCK_K", "_SMALL_NUMEL", "_FLAT_BLOCK_SMALL", "_SMALL_BLOCK_A", "_SMALL_SLICE",
+    "_GROUP_TILE_K", "_GROUP_TILE",
+)  # fmt: skip
+GROUP_OPS = {"group": 128, "group32": 32}  # per-group quantization and its group size
 
 CHILD = """
 import json, sys
@@ -53,6 +60,11 @@ for name, case in spec.items():
         if op == "static":
             q = kernels.quantize_static(x, inputs[name + ".static_scale"], out=out, out_dtype=torch.float32)
             scale = inputs[name + ".static_scale"]
+        elif op.startswith("group"):
+            q, scale = kernels.quantize_per_group(x, int(op[5:] or 128), out=out, out_dtype=torch.float32)
+            if scale.shape[0] > 1 and scale.shape[1] > 1 and scale.stride() != (1, scale.shape[0]):
+                raise SystemExit(f"{name}: group scales are not column-major: {scale.stride()}")
+            scale = scale.contiguous()
         else:
             fn = kernels.quantize_per_token if op == "token" else kernels.quantize_per_tensor
             q, scale = fn(x, out=out, out_dtype=torch.float32)
@@ -117,7 +129,7 @@ def _cases() -> dict[str, dict]:
         case.setdefault("overrides", {})
         case.setdefault("transpose", False)
         case.setdefault("out", False)
-        case["ops"] = ["token", "tensor", "static"]
+        case["ops"] = ["token", "tensor", "static", *GROUP_OPS]
     return cases
 
 
@@ -208,6 +220,17 @@ def test_static_matches_reference(interpreted, name):
     assert_same_bits(interpreted[f"{name}.static.q"], precast_reference(x, static_scale(x)))
 
 
+@pytest.mark.parametrize("op", list(GROUP_OPS))
+@pytest.mark.parametrize("name", list(CASES))
+def test_per_group_matches_reference(interpreted, name, op):
+    x = case_input(name)
+    block = (1, GROUP_OPS[op])
+    expected_scale = scaling.block_scale(x, block)  # fp32 [M, ceil(K / group)]
+    assert_same_bits(interpreted[f"{name}.{op}.scale"], expected_scale)
+    per_element = scaling.expand_block_scale(expected_scale, tuple(x.shape), block)  # (M, K)
+    assert_same_bits(interpreted[f"{name}.{op}.q"], precast_reference(x, per_element))
+
+
 def test_nan_makes_its_row_or_the_whole_tensor_nan(interpreted):
     # The torch reference (checked against above) propagates NaN through amax; make it explicit.
     for name in ("special-values", "special-values-small-blocks", "special-values-one-launch"):
@@ -223,6 +246,8 @@ def test_bad_inputs_are_rejected_with_clear_messages():
         kernels.quantize_per_token(torch.zeros(2, 3, 4))
     with pytest.raises(ValueError, match="quantize_per_tensor: input dtype torch.int32 is not supported"):
         kernels.quantize_per_tensor(torch.zeros(2, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="quantize_per_group: group_size must be a power of two >= 16, got 96"):
+        kernels.quantize_per_group(torch.zeros(2, 192), 96)
     with pytest.raises(ValueError, match="quantize_static: scale must be one float32 element on cpu"):
         kernels.quantize_static(torch.zeros(2, 3), torch.ones(2))
     with pytest.raises(ValueError, match=r"out must be a contiguous torch.float8_e4m3fn tensor of shape \(2, 3\)"):

@@ -4,6 +4,8 @@ Bit-identical to the torch reference in `scaling` (``scale = max(amax, 1e-12) / 
 division, ``q = cast_fp8(clamp(x / scale, -448, 448))``, NaN propagated like ``torch.amax``):
 
 - `quantize_per_token`: one launch; one scale per row.
+- `quantize_per_group`: one launch; one scale per 1 x group_size group of a row (block-wise FP8),
+  written column-major as torch's block-wise GEMM takes it.
 - `quantize_per_tensor`: one launch up to 2^15 elements (decode sizes: every program reduces the
   whole small tensor, then quantizes its slice), else two (per-program partial amax, then
   quantize); the scale stays on the device (no host sync, CUDA-graph capturable).
@@ -25,7 +27,14 @@ from types import SimpleNamespace
 
 import torch
 
-__all__ = ["unavailable_reason", "quantize_per_token", "quantize_per_tensor", "quantize_static", "scale_epilogue"]
+__all__ = [
+    "unavailable_reason",
+    "quantize_per_token",
+    "quantize_per_group",
+    "quantize_per_tensor",
+    "quantize_static",
+    "scale_epilogue",
+]
 
 _FP8_DTYPE = torch.float8_e4m3fn
 _FP8_MAX = 448.0  # == scaling.FP8_MAX (checked by the tests)
@@ -45,6 +54,8 @@ _FLAT_BLOCK_SMALL = 1024  # ... on tensors under _FLAT_SMALL_NUMEL: more program
 _FLAT_SMALL_NUMEL = 1 << 22
 _PARTIALS_PER_SM = 4
 _EPILOGUE_BLOCK_N = 512  # output columns per program of the scale epilogue (one row per program)
+_GROUP_TILE_K = 1024  # per-group kernel: columns (whole groups) per program
+_GROUP_TILE = 4096  # ... and about this many elements per program (rows x columns)
 _EPILOGUE_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 triton = None  # bound by _build(), with tl and the @triton.jit helpers below
@@ -174,6 +185,28 @@ def _define_kernels() -> None:
         tl.store(s_ptr + rows, scale, mask=row_mask)
 
     @triton.jit
+    def per_group_kernel(
+        x_ptr, q_ptr, s_ptr, M, K, TILES_K,
+        FLOOR_BITS: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, BLOCK_M: tl.constexpr,
+    ):  # fmt: skip
+        # Program p: rows of tile p // TILES_K, GROUPS whole groups of tile p % TILES_K; read once.
+        pid = tl.program_id(0)
+        rows = (pid // TILES_K) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+        group0 = (pid % TILES_K) * GROUPS
+        cols = group0 * GROUP + tl.arange(0, GROUPS * GROUP)  # (GROUPS * GROUP,)
+        mask = (rows < M)[:, None] & (cols < K)[None, :]
+        offs = rows.to(tl.int64)[:, None] * K + cols[None, :]  # (BLOCK_M, GROUPS * GROUP)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # padding 0: no effect on amax
+        x3 = tl.reshape(x, (BLOCK_M, GROUPS, GROUP))
+        scale = _scale_from_bits(tl.max(_abs_bits(x3), axis=2), FLOOR_BITS)  # (BLOCK_M, GROUPS)
+        q = tl.reshape(_quantize(x3, scale[:, :, None]), (BLOCK_M, GROUPS * GROUP))
+        tl.store(q_ptr + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+        groups = group0 + tl.arange(0, GROUPS)  # (GROUPS,)
+        s_offs = groups.to(tl.int64)[None, :] * M + rows[:, None]  # column-major (M, L): [L, M] storage
+        s_mask = (rows < M)[:, None] & (groups * GROUP < K)[None, :]
+        tl.store(s_ptr + s_offs, scale, mask=s_mask)
+
+    @triton.jit
     def static_kernel(x_ptr, q_ptr, s_ptr, N, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
@@ -258,6 +291,7 @@ def _define_kernels() -> None:
     _kernels = SimpleNamespace(
         scale_epilogue=scale_epilogue_kernel,
         per_token=per_token_kernel,
+        per_group=per_group_kernel,
         static=static_kernel,
         amax_partial=amax_partial_kernel,
         per_tensor_quant=per_tensor_quant_kernel,
@@ -407,6 +441,37 @@ def quantize_per_token(
     _launch(
         _build().per_token, programs, (x, out, scale, m, k), (_FLOOR_BITS, block_m, block_k, one_pass),
         _warps(block_m * block_k, programs, device), device,
+    )  # fmt: skip
+    return out, scale
+
+
+def quantize_per_group(
+    x: torch.Tensor, group_size: int = 128, *, out: torch.Tensor | None = None, out_dtype: torch.dtype = _FP8_DTYPE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-group quantization (1 x `group_size` groups along each row) in one launch.
+
+    x: [M, K] bf16 / fp16 / fp32; `group_size` a power of two >= 16. Returns (q fp8 [M, K], scale
+    fp32 [M, ceil(K / group_size)] with strides (1, M), i.e. column-major as torch's block-wise
+    GEMM takes it) with ``scale = max(group absmax, 1e-12) / 448``; the last group of a row is
+    partial when group_size does not divide K (its amax is over its real elements).
+    """
+    x, out = _prepare(x, "quantize_per_group", out, out_dtype)
+    if group_size < 16 or group_size & (group_size - 1):
+        raise ValueError(f"quantize_per_group: group_size must be a power of two >= 16, got {group_size}")
+    m, k = x.shape
+    groups = _cdiv(k, group_size)
+    scale = torch.empty(groups, m, dtype=torch.float32, device=x.device).t()  # (M, L), strides (1, M)
+    if m == 0 or k == 0:
+        return out, scale
+    tile_k = min(max(group_size, _GROUP_TILE_K), _next_pow2(groups) * group_size)
+    block_m = min(_next_pow2(m), max(1, _GROUP_TILE // tile_k))
+    tiles_k = _cdiv(k, tile_k)
+    programs = _cdiv(m, block_m) * tiles_k
+    device = x.device
+    _launch(
+        _build().per_group, programs, (x, out, scale, m, k, tiles_k),
+        (_FLOOR_BITS, group_size, tile_k // group_size, block_m),
+        _warps(block_m * tile_k, programs, device), device,
     )  # fmt: skip
     return out, scale
 

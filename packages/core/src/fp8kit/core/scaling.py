@@ -161,7 +161,7 @@ def quantize_activation(
             return kernels.quantize_static(x2d, scale), scale
         return quantize(x2d, scale), scale
     if granularity == "group":
-        if fast:
+        if fast and group_size >= 16 and not group_size & (group_size - 1):  # the kernel takes powers of two
             return kernels.quantize_per_group(x2d, group_size)
         block = (1, group_size)
         x_scale = block_scale(x2d, block).t().contiguous().t()  # (M, G), strides (1, M)
