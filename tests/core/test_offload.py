@@ -147,3 +147,101 @@ def test_cpu_offload_to_gpu_execution(tmp_path):
     save_quantized(model, tmp_path / "a")
     save_quantized(reference, tmp_path / "b")
     assert_same_tensors(read_all(tmp_path / "a"), read_all(tmp_path / "b"))
+
+
+# --------------------------------------------------------------------------- device maps (issue 11)
+
+SPLIT_MAP = {
+    "model.embed_tokens": "cpu",
+    "model.layers.0": "cpu",
+    "model.layers.1": "disk",
+    "model.norm": "cpu",
+    "model.rotary_emb": "cpu",
+    "lm_head": "cpu",
+}
+
+
+def test_load_quantized_over_a_device_map_gives_the_same_logits(tmp_path):
+    """A checkpoint reloaded split over devices (here CPU + disk, the devices a CPU runner has) computes what
+    the plain reload computes, bit for bit: the FP8 layers of each block run where accelerate put them."""
+    save_quantized(quantize(make_tiny_llama(), STATIC_KV, calibration()), tmp_path / "q")
+    plain = load_quantized(tmp_path / "q")
+    split = load_quantized(tmp_path / "q", device_map=SPLIT_MAP, offload_folder=tmp_path / "offload")
+    assert split.hf_device_map == SPLIT_MAP and any((tmp_path / "offload").iterdir())
+    assert isinstance(split.model.layers[1].mlp.down_proj, FP8Linear) and split.model.layers[1].mlp.down_proj.weight.is_meta
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(split(ids).logits, plain(ids).logits, rtol=0, atol=0)
+
+
+def test_load_quantized_auto_map_that_fits_nowhere_names_the_fix(tmp_path):
+    from fp8kit.core import ModelLoadError
+
+    save_quantized(quantize(make_tiny_llama(), QuantConfig()), tmp_path / "q")
+    with pytest.raises(ModelLoadError, match=r"q: does not fit in the GPUs and CPU memory allowed .* pass an offload folder"):
+        load_quantized(tmp_path / "q", device_map="auto", max_memory={"cpu": 50_000})
+    with pytest.raises(ModelLoadError, match=r"device_map 'everywhere' is not 'auto'"):
+        load_quantized(tmp_path / "q", device_map="everywhere")
+
+
+def test_cli_device_map_with_max_memory_writes_the_single_device_checkpoint(tiny_llama_dir, tmp_path, capsys):
+    """`--device-map auto --max-memory cpu=...` (too small: part goes to disk) writes the checkpoint a plain run writes."""
+    from fp8kit.core.__main__ import main
+
+    common = [str(tiny_llama_dir), "--activation", "static", "--kv-cache", "--num-samples", "2", "--seq-len", "32"]
+    assert main([common[0], str(tmp_path / "plain"), *common[1:]]) == 0
+    assert main([
+        common[0], str(tmp_path / "split"), *common[1:],
+        "--device-map", "auto", "--max-memory", "cpu=200000", "--offload-folder", str(tmp_path / "offload"),
+    ]) == 0
+    assert "FP8 layers per device: cpu 14\n" in capsys.readouterr().out  # disk-offloaded layers execute on the CPU
+    assert_same_tensors(read_all(tmp_path / "split"), read_all(tmp_path / "plain"))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("0=70GiB,1", "--max-memory: '1' is not DEVICE=SIZE (e.g. 0=70GiB or cpu=200GiB)"),
+        ("gpu0=70GiB", "--max-memory: device 'gpu0' is not a GPU index, 'cpu' or 'disk'"),
+        ("0=lots", "--max-memory: size 'lots' for device 0 is not bytes or a size like 70GiB"),
+        ("0=1GiB,0=2GiB", "--max-memory: device 0 is given twice"),
+    ],
+)
+def test_cli_rejects_a_bad_max_memory(tiny_llama_dir, tmp_path, capsys, text, message):
+    from fp8kit.core.__main__ import main
+
+    assert main([str(tiny_llama_dir), str(tmp_path / "out"), "--device-map", "auto", "--max-memory", text]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_max_memory_needs_a_device_map(tiny_llama_dir, tmp_path, capsys):
+    from fp8kit.core.__main__ import main
+
+    assert main([str(tiny_llama_dir), str(tmp_path / "out"), "--max-memory", "0=1GiB"]) == 2
+    assert "--max-memory and --offload-folder apply with --device-map only" in capsys.readouterr().err
+
+
+def test_parse_max_memory_keys_are_gpu_indices():
+    from fp8kit.core.__main__ import parse_max_memory
+
+    assert parse_max_memory("0=70GiB, 1=70GiB,cpu=1000") == {0: "70GiB", 1: "70GiB", "cpu": 1000}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_two_gpu_split_matches_one_gpu(tmp_path):
+    """Calibrated and quantized while split over two GPUs: the same scales and checkpoint as on one GPU, and the
+    sharded reload gives the one-GPU logits."""
+    half = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, "model.norm": 1, "model.rotary_emb": 1, "lm_head": 1}
+    one = quantize(make_tiny_llama().cuda(), STATIC_KV, calibration())
+    two = accelerate.dispatch_model(make_tiny_llama(), device_map=half)
+    quantize(two, STATIC_KV, calibration())
+    assert two.model.layers[1].mlp.down_proj.weight.device == torch.device("cuda:1")
+    save_quantized(one, tmp_path / "one")
+    save_quantized(two, tmp_path / "two")
+    assert_same_tensors(read_all(tmp_path / "two"), read_all(tmp_path / "one"))
+    reloaded = load_quantized(tmp_path / "two", device_map=half)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1)).cuda()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits.cpu(), one(ids).logits.cpu(), rtol=0, atol=0)

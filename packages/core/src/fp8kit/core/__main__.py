@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from .checkpoint import FORMATS, save_quantized
 from .config import QuantConfig
 from .data import calibration_batches, default_texts, read_text_file
 from .errors import CheckpointError, ConfigError, FP8KitError
+from .offload import device_summary
 from .surgery import quantize
 
 logger = logging.getLogger("fp8kit.core")
@@ -92,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         "of module name -> device ('cuda:0', 'cpu', 'disk'); offloaded layers are calibrated and quantized "
         "one at a time",
     )
+    p.add_argument(
+        "--max-memory",
+        default=None,
+        help="with --device-map: memory each device may hold, e.g. '0=70GiB,1=70GiB,cpu=200GiB' (GPU index or 'cpu' "
+        "= bytes or a size with unit; default: what is free)",
+    )
     p.add_argument("--offload-folder", type=Path, default=None, help="with --device-map: where accelerate offloads to disk")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
@@ -112,6 +120,26 @@ def parse_device_map(text: str | None) -> str | dict[str, str] | None:
     if not all(isinstance(k, str) and isinstance(v, (str, int)) for k, v in device_map.items()):
         raise ConfigError("--device-map: expected a JSON object of module name -> device")
     return device_map
+
+
+def parse_max_memory(text: str | None) -> dict[int | str, int | str] | None:
+    """--max-memory: '0=70GiB,1=70GiB,cpu=200000' -> {0: '70GiB', 1: '70GiB', 'cpu': 200000} (bytes as int)."""
+    if text is None:
+        return None
+    budget: dict[int | str, int | str] = {}
+    for item in text.split(","):
+        device, sep, size = (part.strip() for part in item.partition("="))
+        if not sep or not device or not size:
+            raise ConfigError(f"--max-memory: {item!r} is not DEVICE=SIZE (e.g. 0=70GiB or cpu=200GiB)")
+        if not (device.isdigit() or device in ("cpu", "disk", "mps")):
+            raise ConfigError(f"--max-memory: device {device!r} is not a GPU index, 'cpu' or 'disk'")
+        if not (size.isdigit() or re.fullmatch(r"\d+(\.\d+)?\s*([KMGT]i?B)", size, flags=re.IGNORECASE)):
+            raise ConfigError(f"--max-memory: size {size!r} for device {device} is not bytes or a size like 70GiB")
+        key: int | str = int(device) if device.isdigit() else device
+        if key in budget:
+            raise ConfigError(f"--max-memory: device {device} is given twice")
+        budget[key] = int(size) if size.isdigit() else size
+    return budget
 
 
 def stream_skip_reason(args: argparse.Namespace, config: QuantConfig) -> str | None:
@@ -186,6 +214,8 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.out_dir.is_dir() and any(args.out_dir.iterdir()) and not args.overwrite:
         raise CheckpointError(f"{args.out_dir}: directory exists and is not empty; pass --overwrite to replace it")
+    if args.device_map is None and (args.max_memory is not None or args.offload_folder is not None):
+        raise ConfigError("--max-memory and --offload-folder apply with --device-map only (e.g. --device-map auto)")
     reason = stream_skip_reason(args, config)
     if reason is None:
         print("path: streaming (tensor by tensor; the model is never loaded whole)")
@@ -201,6 +231,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=DTYPES[args.dtype or "fp32"],
         trust_remote_code=args.trust_remote_code,
         device_map=parse_device_map(args.device_map),
+        max_memory=parse_max_memory(args.max_memory),
         offload_folder=args.offload_folder,
     )
     calibration = None
@@ -219,6 +250,9 @@ def run(args: argparse.Namespace) -> int:
     bytes_after = model_bytes(model)
     save_quantized(model, args.out_dir, tokenizer, format=args.format, overwrite=args.overwrite)
     _print_summary(report.quantized, report.skipped)
+    if args.device_map is not None:  # where each FP8 layer computes (disk-offloaded layers run on their hook's device)
+        per_device = device_summary(model, report.quantized)
+        print("FP8 layers per device: " + ", ".join(f"{d} {n}" for d, n in sorted(per_device.items())))
     if report.kv_cache_layers:
         print(f"KV-cache scales for {len(report.kv_cache_layers)} attention layers")
     print(f"model bytes: {bytes_before / 2**20:.1f} MiB -> {bytes_after / 2**20:.1f} MiB ({bytes_after / bytes_before:.2f}x)")

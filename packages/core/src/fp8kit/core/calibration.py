@@ -78,7 +78,7 @@ def _valid_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """
     rows = x.reshape(-1, x.shape[-1])
     if mask is not None and rows.shape[0] == mask.numel():
-        rows = rows[mask.reshape(-1)]
+        rows = rows[mask.reshape(-1).to(rows.device)]  # layers of a model split over GPUs see the mask of GPU 0
     return rows
 
 
@@ -91,7 +91,7 @@ def _observe_kv(cache: Any, stats: CalibrationStats, state: dict) -> None:
         for store, states in ((stats.key_amax, key_states), (stats.value_amax, value_states)):
             tokens = states.transpose(1, 2)  # (B, H, T, D) -> (B, T, H, D)
             if mask is not None and tokens.shape[:2] == mask.shape:
-                tokens = tokens[mask]  # (valid tokens, H, D)
+                tokens = tokens[mask.to(tokens.device)]  # (valid tokens, H, D)
             if tokens.numel():
                 _update_max(store, layer_idx, tokens.abs().amax())
         return update(key_states, value_states, layer_idx, *args, **kwargs)

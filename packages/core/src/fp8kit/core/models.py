@@ -103,7 +103,9 @@ def load_model(
             tokenizer = _load_tokenizer(path.parent, gguf_file=path.name)
             return model.eval(), tokenizer
         if is_fp8_checkpoint(path):
-            model = load_quantized(path, trust_remote_code=trust_remote_code)
+            model = load_quantized(
+                path, trust_remote_code=trust_remote_code, device_map=device_map, max_memory=max_memory, offload_folder=offload_folder
+            )
             return model, _load_tokenizer(path, trust_remote_code=trust_remote_code)
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path}: a model directory needs a config.json")

@@ -10,12 +10,26 @@ same hooks, without importing accelerate unless a model uses it.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["offload_hook", "is_offloaded", "materialized", "reoffload_like", "offloaded_tensor", "execution_device"]
+from .errors import ModelLoadError
+
+__all__ = [
+    "offload_hook",
+    "is_offloaded",
+    "materialized",
+    "reoffload_like",
+    "offloaded_tensor",
+    "execution_device",
+    "dispatch",
+    "device_summary",
+    "module_device",
+]
 
 
 def _hooks(module: nn.Module) -> list:
@@ -122,3 +136,83 @@ def execution_device(model: nn.Module) -> torch.device:
         if device is not None:
             return device
     return torch.device("cpu")
+
+
+def dispatch(
+    model: nn.Module,
+    device_map: str | dict[str, Any],
+    *,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | os.PathLike | None = None,
+    where: str = "model",
+) -> nn.Module:
+    """Spread `model` (real tensors on the CPU) over devices with accelerate, in place; returns it.
+
+    device_map: "auto" / "balanced" / "balanced_low_0" / "sequential" (planned from `max_memory`, at most one
+        decoder block per device: `model._no_split_modules`), or an explicit {module name: device} map.
+    max_memory: {GPU index or "cpu": bytes or "70GiB"}; None = what is free.
+    Layers that fit on no GPU go to the CPU, then to disk under `offload_folder`; ModelLoadError (naming
+    `where`) when the plan needs disk and no folder is given. Sets `model.hf_device_map`.
+    """
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    if isinstance(device_map, str):
+        if device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+            raise ModelLoadError(
+                f"{where}: device_map {device_map!r} is not 'auto', 'balanced', 'balanced_low_0', 'sequential' or a "
+                "{module name: device} map"
+            )
+        no_split = list(getattr(model, "_no_split_modules", None) or [])
+        try:
+            if device_map != "sequential":
+                max_memory = get_balanced_memory(
+                    model, max_memory=max_memory, no_split_module_classes=no_split, low_zero=device_map == "balanced_low_0"
+                )
+            device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ModelLoadError(f"{where}: cannot plan a device map (max_memory={max_memory!r}): {exc}") from exc
+    devices = set(device_map.values())
+    if "disk" in devices and offload_folder is None:
+        raise ModelLoadError(
+            f"{where}: does not fit in the GPUs and CPU memory allowed (max_memory={max_memory!r}): "
+            f"{sum(d == 'disk' for d in device_map.values())} module(s) would go to disk; pass an offload folder "
+            "(offload_folder= / --offload-folder) or allow more memory"
+        )
+    try:
+        dispatch_model(
+            model,
+            device_map=device_map,
+            offload_dir=None if offload_folder is None else str(offload_folder),
+            offload_buffers=True,  # FP8Linear's weight and scales are buffers: offload them like parameters
+            skip_keys=getattr(model, "_skip_keys_device_placement", None),
+        )
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise ModelLoadError(f"{where}: cannot dispatch over {sorted(map(str, devices))}: {exc}") from exc
+    model.hf_device_map = dict(device_map)
+    return model
+
+
+def device_summary(model: nn.Module, names: list[str]) -> dict[str, int]:
+    """How many of the modules `names` of `model` run on each device ('cuda:1', 'cpu', ...): for progress logs."""
+    counts: dict[str, int] = {}
+    modules = dict(model.named_modules())
+    for name in names:
+        module = modules.get(name)
+        if module is None:
+            continue
+        device = module_device(module)
+        counts[device] = counts.get(device, 0) + 1
+    return counts
+
+
+def module_device(module: nn.Module) -> str:
+    """Where `module` computes: its offload hook's execution device, else its first real tensor's device."""
+    hook = offload_hook(module)
+    if hook is not None and getattr(hook, "execution_device", None) is not None:
+        device = hook.execution_device
+        return str(torch.device(device if not isinstance(device, int) else f"cuda:{device}"))
+    for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+        if not tensor.is_meta:
+            return str(tensor.device)
+    return "meta"

@@ -14,7 +14,7 @@ from .calibration import CalibrationBatch, calibrate
 from .config import QuantConfig
 from .errors import CalibrationError, ConfigError, ModelLoadError
 from .linear import FP8Linear
-from .offload import is_offloaded, materialized, reoffload_like
+from .offload import is_offloaded, materialized, module_device, reoffload_like
 from .scaling import amax_to_scale
 
 __all__ = ["QuantReport", "quantize", "select_linears", "attach_kv_scales"]
@@ -123,8 +123,12 @@ def quantize(
             )
 
     modules = dict(model.named_modules())
-    for name in tqdm(targets, desc="Quantizing", unit="layer", disable=len(targets) < 8):
+    spread = len({module_device(modules[name]) for name in targets}) > 1  # over GPUs / CPU / disk (accelerate)
+    bar = tqdm(targets, desc="Quantizing", unit="layer", disable=len(targets) < 8)
+    for name in bar:
         old = modules.pop(name)
+        if spread:
+            bar.set_postfix_str(module_device(old), refresh=False)
         with materialized(old) as hook:  # offloaded (accelerate): real weights on the execution device meanwhile
             if hook is not None and not torch.isfinite(old.weight).all():
                 raise ModelLoadError(f"layer {name}: weight {tuple(old.weight.shape)} contains NaN or Inf")

@@ -18,6 +18,7 @@ from ..config import QuantConfig
 from ..errors import CheckpointError
 from ..files import INDEX_NAME, check_safetensors_dir, read_index
 from ..linear import FP8Linear
+from ..offload import dispatch
 from ..scaling import FP8_DTYPE
 from ..surgery import QuantReport
 from .formats import parse_quantization_config
@@ -180,7 +181,13 @@ def _swap_in_fp8_layers(model: nn.Module, tensors: dict[str, torch.Tensor], conf
 
 
 def load_quantized(
-    path: str | os.PathLike, *, device: str | torch.device = "cpu", trust_remote_code: bool = False
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> nn.Module:
     """Rebuild a model saved by `save_quantized` (either format), AutoFP8 or llm-compressor (FP8
     "float-quantized") with `FP8Linear` layers; for fp8kit's own checkpoints, outputs are bit-identical.
@@ -188,6 +195,8 @@ def load_quantized(
     The class named in `config.architectures` is built from config.json without its
     quantization_config (else transformers' own fp8 integration would take over), then every tensor is
     loaded from safetensors. A missing, unexpected or mis-shaped tensor is an error naming it.
+    device_map ("auto", "balanced", "sequential" or {module: device}) with `max_memory` / `offload_folder`
+    spreads the model over several GPUs (then CPU, then disk) with accelerate instead of moving it to `device`.
     """
     where = Path(path)
     if not where.is_dir():
@@ -222,7 +231,11 @@ def load_quantized(
     )
     if missing:
         raise CheckpointError(f"{where}: tensors {missing[:5]} (of {len(missing)}) are missing from the checkpoint")
-    model.to(device).eval()
+    if device_map is not None:
+        dispatch(model, device_map, max_memory=max_memory, offload_folder=offload_folder, where=str(where))
+        model.eval()
+    else:
+        model.to(device).eval()
     model.fp8kit_config = config
     skipped = {n: "stored in high precision" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     model.fp8kit_report = QuantReport(quantized=quantized, skipped=skipped)
