@@ -26,6 +26,7 @@ CPU = torch.device("cpu")
         ("fp8-dynamic-tensor", FP8Backend, "tensor", "tensor", False),
         ("fp8-dynamic-token", FP8Backend, "channel", "token", False),
         ("fp8-dynamic-token-wtensor", FP8Backend, "tensor", "token", False),
+        ("fp8-dynamic-group-fastacc", FP8Backend, "block", "group", False),
         ("fp8-static-tensor-wchannel-fastacc-compiled", FP8Backend, "channel", "tensor", True),
         ("ort-cpu", OrtCpuBackend, None, None, False),
         ("tensorrt-fp8", TensorRTBackend, None, None, False),
@@ -42,7 +43,7 @@ def test_ids_round_trip(backend_id, cls, weight, granularity, compiled):
         assert backend.config.activation_granularity == granularity
 
 
-@pytest.mark.parametrize("bad", ["fp8-static-token", "fp8-dynamic-row", "torch-int8", "tensorrt", ""])
+@pytest.mark.parametrize("bad", ["fp8-static-token", "fp8-static-group", "fp8-dynamic-group-wtensor", "fp8-dynamic-row", "torch-int8", "tensorrt", ""])
 def test_bad_ids_raise_config_error_naming_the_id(bad):
     with pytest.raises(ConfigError, match="backend|no backend"):
         parse_backends(bad)
@@ -56,7 +57,7 @@ def test_presets_expand_without_duplicates():
     assert "torch-bf16" in gpu and "fp8-static-tensor-compiled" in gpu and "fp8-dynamic-token-graph" in gpu
 
 
-@pytest.mark.parametrize("backend_id", ["fp8-dynamic-tensor", "fp8-dynamic-token", "fp8-static-tensor"])
+@pytest.mark.parametrize("backend_id", ["fp8-dynamic-tensor", "fp8-dynamic-token", "fp8-static-tensor", "fp8-dynamic-group"])
 def test_fp8_backend_matches_fp8linear_and_the_fp8_accuracy_bound(backend_id):
     gen = torch.Generator().manual_seed(1)
     weight = torch.randn(48, 64, generator=gen) / 8  # (N, K)
@@ -76,6 +77,9 @@ def test_weight_bytes_reflect_storage():
     assert get_backend("torch-bf16").weight_bytes(4096, 4096, torch.bfloat16) == 2 * 4096 * 4096
     assert get_backend("fp8-dynamic-tensor").weight_bytes(4096, 4096, torch.bfloat16) == 4096 * 4096 + 4
     assert get_backend("fp8-dynamic-token").weight_bytes(4096, 4096, torch.bfloat16) == 4096 * 4096 + 4 * 4096
+    # One fp32 scale per 128 x 128 block, partial edge blocks included: ceil(14336 / 128) x ceil(576 / 128) = 112 x 5.
+    assert get_backend("fp8-dynamic-group").weight_bytes(14336, 576, torch.bfloat16) == 14336 * 576 + 4 * 112 * 5
+    assert get_backend("scaled-mm-block-graph").weight_bytes(14336, 576, torch.bfloat16) == 14336 * 576 + 4 * 112 * 5
 
 
 def test_unavailable_backends_give_not_run_rows_with_the_reason(monkeypatch):

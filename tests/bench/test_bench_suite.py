@@ -129,6 +129,8 @@ def test_speedup_does_not_mix_targets():
         ("fp8-static-tensor-wchannel-fastacc", "scaled-mm-rowwise-fastacc"),
         ("fp8-dynamic-tensor-compiled-graph", "scaled-mm-tensor-graph"),
         ("fp8-dynamic-token-wtensor", "scaled-mm-rowwise"),
+        ("fp8-dynamic-group", "scaled-mm-block"),
+        ("fp8-dynamic-group-fastacc-compiled-graph", "scaled-mm-block-fastacc-graph"),
         ("torch-bf16", None),
         ("scaled-mm-tensor", None),
     ],
@@ -163,6 +165,35 @@ def test_quant_backends_match_the_torch_reference_bit_for_bit(scheme):
         assert torch.equal(q.view(torch.uint8), expected_q.view(torch.uint8))
     (q_a, s_a), (q_b, s_b) = outs.values()
     assert torch.equal(q_a.view(torch.uint8), q_b.view(torch.uint8)) and torch.equal(s_a, s_b)
+
+
+def test_group_quant_backends_match_the_float64_reference_bit_for_bit():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(7, 300, generator=gen) * torch.tensor([1.0, 1e3, 1e-3]).repeat_interleave(128)[:300]  # 3 groups, last partial
+    expected_scale = torch.stack([g.abs().amax(dim=1) for g in x.double().split(128, dim=1)], dim=1) / 448  # (7, 3)
+    per_element = expected_scale.repeat_interleave(128, dim=1)[:, :300]
+    expected_q = (x.double() / per_element).clamp(-448, 448).float().to(torch.float8_e4m3fn)
+    for impl in ("", "-torch"):
+        q, scale = get_backend(f"quant-dynamic-group{impl}").build_quant(torch.tensor(1.0))(x)
+        assert scale.shape == (7, 3)
+        torch.testing.assert_close(scale.double(), expected_scale, rtol=1e-7, atol=0)
+        assert torch.equal(q.view(torch.uint8), expected_q.view(torch.uint8)), impl
+
+
+def test_block_rows_on_cpu_run_fp8linear_and_say_why_the_bare_gemm_cannot():
+    frame = run_benchmarks(
+        [QuantWorkload(4, 256), LinearWorkload("p", 4, 160, 256)],
+        [get_backend(b) for b in ("torch-fp32", "fp8-dynamic-group", "scaled-mm-block", "quant-dynamic-group", "copy")],
+        device="cpu", timing=FAST, progress=False,
+    )
+    rows = frame.set_index(["workload", "backend"])
+    assert rows.loc[("linear:p", "fp8-dynamic-group"), "status"] == "ok"
+    assert rows.loc[("linear:p", "fp8-dynamic-group"), "sqnr_db"] > 20
+    assert rows.loc[("linear:p", "scaled-mm-block"), "status"] == (
+        "not run: torch's block-wise scaled GEMM needs a CUDA GPU of compute capability 9.0, not device type 'cpu'"
+    )
+    assert rows.loc[("quant:4x256", "quant-dynamic-group"), "status"] == "ok"
+    assert rows.loc[("quant:4x256", "quant-dynamic-group"), "bytes_moved"] == 4 * 256 * (4 + 1)
 
 
 def test_quant_bytes_are_the_algorithms_floor():
@@ -282,6 +313,24 @@ def test_h100_speed_suite_expands_to_the_issue_grid():
         for part in suite:
             for backend_id in part.backends:
                 get_backend(backend_id)
+
+
+def test_h200_block_suite_expands_to_the_issue_grid():
+    parts = {p.target: p for p in suite_parts("h200-block")}
+    assert list(parts) == ["quant", "prefill", "decode"]
+    shapes = {(8192, 8192), (14336, 4096), (4096, 14336)}
+    assert {(w.m, w.n, w.k) for w in parts["prefill"].workloads} == {(8192, n, k) for n, k in shapes}
+    assert {(w.m, w.n, w.k) for w in parts["decode"].workloads} == {(m, n, k) for m in (1, 8, 16) for n, k in shapes}
+    assert parts["decode"].rotate_bytes >= 256 * 2**20
+    for target, suffix in (("prefill", ""), ("decode", "-graph")):  # decode under CUDA graphs only
+        backends = set(parts[target].backends)
+        assert all(b.endswith("-graph") for b in backends) == (suffix == "-graph")
+        assert "torch-bf16" + suffix in backends
+        for fa in ("", "-fastacc"):
+            for scheme in ("fp8-dynamic-group", "fp8-dynamic-token"):  # block beside per-token / per-channel
+                assert scheme + fa + suffix in backends and ceiling_backend_id(scheme + fa + suffix) in backends
+    assert {"copy", "quant-dynamic-group", "copy-graph", "quant-dynamic-group-graph"} <= set(parts["quant"].backends)
+    assert {(w.m, w.k) for w in parts["quant"].workloads} >= {(8192, 4096), (8192, 14336), (1, 4096)}
 
 
 def test_suite_parts_filter_and_errors():

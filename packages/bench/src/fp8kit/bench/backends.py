@@ -3,16 +3,17 @@
 - ``torch-bf16`` / ``torch-fp16`` / ``torch-fp32`` [``-compiled``]: eager (or compiled) torch in that dtype.
 - ``fp8-<activation>-<granularity>[-w<weight>][-fastacc][-compiled]``: fp8kit `FP8Linear` through
   `torch._scaled_mm`. The weight granularity defaults to the activation's natural partner
-  (per-tensor weights for per-tensor activations, per-channel weights for per-token ones);
+  (per-tensor weights for per-tensor activations, per-channel weights for per-token ones, 128 x 128
+  blocks for 1 x 128 groups: ``fp8-dynamic-group`` runs torch's block-wise GEMM);
   ``-wchannel`` / ``-wtensor`` names the other; ``-fastacc`` sets ``use_fast_accum``.
 - ``ort-cpu``: ONNX Runtime CPU on the fp8kit Q/DQ ONNX export (accuracy cross-check).
 - ``tensorrt-fp8``: a TensorRT engine built from the same ONNX, timed with its execution context.
-- ``scaled-mm-<rowwise|tensor>[-fastacc]``: bare `torch._scaled_mm` on pre-quantized inputs (the
+- ``scaled-mm-<rowwise|tensor|block>[-fastacc]``: the bare scaled GEMM on pre-quantized inputs (the
   activation is quantized once, outside the timed region): the FP8 GEMM ceiling of the fp8 rows.
 
 Quantization backends (for `QuantWorkload`, an activation x [M,K]):
 - ``copy``: `x.clone()`, the memory-bandwidth reference (read 2 + write 2 bytes per bf16 element).
-- ``quant-<dynamic-token|static-tensor|dynamic-tensor>``: `scaling.quantize_activation` (the
+- ``quant-<dynamic-token|dynamic-group|static-tensor|dynamic-tensor>``: `scaling.quantize_activation` (the
   Triton kernels on GPU, what `FP8Linear` uses); ``-torch``: the unfused torch path
   (`scaling.quantize` with `rowwise_scale` / `tensor_scale`); ``-torch-compiled``: `torch.compile` of it.
 
@@ -213,7 +214,7 @@ class FP8Backend(Backend):
         use_fast_accum: bool = False,
         compiled: bool = False,
     ) -> None:
-        natural = "channel" if granularity == "token" else "tensor"
+        natural = {"token": "channel", "group": "block"}.get(granularity, "tensor")
         weight = weight or natural
         self.config = QuantConfig(
             weight=weight,  # type: ignore[arg-type]
@@ -233,8 +234,10 @@ class FP8Backend(Backend):
         self._compiled: dict[tuple[int, int, bool], tuple[FP8Linear, Callable[..., torch.Tensor]]] = {}
 
     def unavailable_reason(self, device: torch.device) -> str | None:
-        from fp8kit.core.scaling import scaled_mm_unsupported_reason
+        from fp8kit.core.scaling import block_gemm_unsupported_reason, scaled_mm_unsupported_reason
 
+        if self.config.weight == "block" and device.type == "cuda":  # a GPU without it would time the fallback
+            return block_gemm_unsupported_reason(device)
         return scaled_mm_unsupported_reason(device)
 
     def workload_skip_reason(self, m: int, n: int, k: int) -> str | None:
@@ -249,8 +252,7 @@ class FP8Backend(Backend):
         return quant_impl(device) + (" under torch.compile" if self.compiled else "")
 
     def weight_bytes(self, n: int, k: int, run_dtype: torch.dtype) -> int:
-        scales = n if self.config.weight == "channel" else 1
-        return n * k + 4 * scales
+        return n * k + 4 * _weight_scales(self.config.weight, n, k)
 
     def element_bytes(self, run_dtype: torch.dtype) -> tuple[float, float, float]:
         size = torch.finfo(run_dtype).bits / 8
@@ -292,6 +294,11 @@ class FP8Backend(Backend):
     def release(self) -> None:
         """Forget compiled per-shape graphs (call between shape groups to free their templates)."""
         self._compiled.clear()
+
+
+def _weight_scales(weight: str, n: int, k: int) -> int:
+    """fp32 scales of one [N,K] FP8 weight: 1 per tensor, N per channel, one per 128 x 128 block."""
+    return {"tensor": 1, "channel": n, "block": -(-n // 128) * -(-k // 128)}[weight]
 
 
 def _export_reason() -> str | None:
@@ -500,24 +507,27 @@ def _quantize_activation_reason() -> str | None:
 
 
 class ScaledMMBackend(Backend):
-    """``scaled-mm-<rowwise|tensor>[-fastacc]``: bare `torch._scaled_mm` on an activation quantized
+    """``scaled-mm-<rowwise|tensor|block>[-fastacc]``: the bare scaled GEMM on an activation quantized
     once before timing (`prepare_input`), against an FP8 weight [N,K] passed as its column-major view.
 
-    rowwise: scale_a [M,1] (per token), scale_b [1,N] (per channel); tensor: both fp32 [].
-    This is the FP8 GEMM ceiling: an `FP8Linear` row's time over it is the cost of quantizing the
-    activation and of the Python around the GEMM.
+    rowwise: `torch._scaled_mm` with scale_a [M,1] (per token), scale_b [1,N] (per channel); tensor:
+    both fp32 []; block: torch's block-wise GEMM (`scaling.fp8_block_matmul`: 1 x 128 groups [M, K/128]
+    by 128 x 128 blocks). This is the FP8 GEMM ceiling: an `FP8Linear` row's time over it is the
+    cost of quantizing the activation and of the Python around the GEMM.
     """
 
     def __init__(self, scaling: str, *, use_fast_accum: bool = False) -> None:
-        if scaling not in ("rowwise", "tensor"):
-            raise ConfigError(f"ScaledMMBackend: scaling {scaling!r} must be 'rowwise' or 'tensor'")
+        if scaling not in ("rowwise", "tensor", "block"):
+            raise ConfigError(f"ScaledMMBackend: scaling {scaling!r} must be 'rowwise', 'tensor' or 'block'")
         self.scaling = scaling
         self.use_fast_accum = use_fast_accum
         self.id = f"scaled-mm-{scaling}" + ("-fastacc" if use_fast_accum else "")
 
     def unavailable_reason(self, device: torch.device) -> str | None:
-        from fp8kit.core.scaling import scaled_mm_unsupported_reason
+        from fp8kit.core.scaling import block_gemm_unsupported_reason, scaled_mm_unsupported_reason
 
+        if self.scaling == "block":  # the ceiling is the GEMM itself, never the fallback
+            return block_gemm_unsupported_reason(device)
         return scaled_mm_unsupported_reason(device)
 
     def workload_skip_reason(self, m: int, n: int, k: int) -> str | None:
@@ -529,7 +539,7 @@ class ScaledMMBackend(Backend):
         return f"fp8-e4m3/{dtype_name(run_dtype)}"
 
     def weight_bytes(self, n: int, k: int, run_dtype: torch.dtype) -> int:
-        return n * k + 4 * (n if self.scaling == "rowwise" else 1)
+        return n * k + 4 * _weight_scales({"rowwise": "channel"}.get(self.scaling, self.scaling), n, k)
 
     def element_bytes(self, run_dtype: torch.dtype) -> tuple[float, float, float]:
         return 1.0, 1.0, torch.finfo(run_dtype).bits / 8  # x is already FP8
@@ -538,9 +548,11 @@ class ScaledMMBackend(Backend):
         return "pre-quantized"
 
     def prepare_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
-        """(x_fp8 [M,K], scale_a fp32 [M,1] or [], out dtype) for the GEMM."""
+        """(x_fp8 [M,K], scale_a fp32 [M,1], [] or, block, [M, K/128] column-major, out dtype) for the GEMM."""
         from fp8kit.core import scaling
 
+        if self.scaling == "block":
+            return (*scaling.quantize_activation(x, "group"), x.dtype)
         scale_a = scaling.rowwise_scale(x) if self.scaling == "rowwise" else scaling.tensor_scale(x)  # [M,1] or []
         return scaling.quantize(x, scale_a), scale_a.contiguous(), x.dtype
 
@@ -548,6 +560,15 @@ class ScaledMMBackend(Backend):
         from fp8kit.core import scaling
 
         n = weight_hp.shape[0]
+        fast = self.use_fast_accum
+        if self.scaling == "block":
+            weight_fp8, w_blocks = scaling.quantize_weight(weight_hp, "block")  # (N, K), (N/128, K/128)
+
+            def run_block(prepared: tuple[torch.Tensor, torch.Tensor, torch.dtype]) -> torch.Tensor:
+                x_fp8, scale_a, out_dtype = prepared
+                return scaling.fp8_block_matmul(x_fp8, weight_fp8, scale_a, w_blocks, out_dtype=out_dtype, use_fast_accum=fast)
+
+            return run_block
         if self.scaling == "rowwise":
             w_scale = scaling.rowwise_scale(weight_hp)  # (N, 1)
             scale_b = w_scale.reshape(1, n).contiguous()  # (1, N)
@@ -555,7 +576,6 @@ class ScaledMMBackend(Backend):
             w_scale = scaling.tensor_scale(weight_hp)  # ()
             scale_b = w_scale
         weight_fp8 = scaling.quantize(weight_hp, w_scale).contiguous()  # (N, K)
-        fast = self.use_fast_accum
 
         def run(prepared: tuple[torch.Tensor, torch.Tensor, torch.dtype]) -> torch.Tensor:
             x_fp8, scale_a, out_dtype = prepared
@@ -572,16 +592,18 @@ class QuantBackend(Backend):
     """``quant-<activation>-<granularity>[-torch[-compiled]]``: FP8 quantization of an activation x [M,K].
 
     impl "kernel": `scaling.quantize_activation` (Triton on GPU); "torch": `scaling.quantize` with
-    `rowwise_scale` / `tensor_scale` (several kernels); "torch-compiled": `torch.compile` of that
-    (static shapes, one graph per M x K). Each call returns (x_fp8 [M,K], scale fp32 [M,1] or []).
+    `rowwise_scale` / `tensor_scale` / `block_scale` (several kernels); "torch-compiled": `torch.compile`
+    of that (static shapes, one graph per M x K). Each call returns (x_fp8 [M,K], scale fp32 [M,1],
+    [] or, per 1 x 128 group, [M, K/128]).
     """
 
     kind = "quant"
 
     def __init__(self, activation: str, granularity: str, impl: str = "kernel") -> None:
-        if (activation, granularity) not in (("dynamic", "token"), ("dynamic", "tensor"), ("static", "tensor")):
+        if (activation, granularity) not in (("dynamic", "token"), ("dynamic", "group"), ("dynamic", "tensor"), ("static", "tensor")):
             raise ConfigError(
-                f"quant backend: {activation}-{granularity} is not a scheme; use dynamic-token, dynamic-tensor or static-tensor"
+                f"quant backend: {activation}-{granularity} is not a scheme; "
+                "use dynamic-token, dynamic-group, dynamic-tensor or static-tensor"
             )
         if impl not in ("kernel", "torch", "torch-compiled"):
             raise ConfigError(f"QuantBackend: impl {impl!r} must be 'kernel', 'torch' or 'torch-compiled'")
@@ -641,6 +663,13 @@ def _torch_quant_fn(activation: str, granularity: str) -> Callable[[torch.Tensor
 
     if activation == "static":
         return lambda x, scale: (scaling.quantize(x, scale), scale)
+    if granularity == "group":
+
+        def groups(x: torch.Tensor, _unused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            scale = scaling.block_scale(x, (1, 128))  # [M, K/128]
+            return scaling.quantize(x, scale, block=(1, 128)), scale
+
+        return groups
     scale_fn = scaling.rowwise_scale if granularity == "token" else scaling.tensor_scale
 
     def dynamic(x: torch.Tensor, _unused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -783,21 +812,24 @@ def get_backend(backend_id: str) -> Backend:
         return TorchBackend(_DTYPES[torch_match.group(1)], compiled=bool(torch_match.group(2)))
     fp8_match = FP8_ID.fullmatch(text)
     if fp8_match:
-        if fp8_match["activation"] == "static" and fp8_match["granularity"] == "token":
+        if fp8_match["activation"] == "static" and fp8_match["granularity"] != "tensor":
             raise ConfigError(f"backend {text!r}: static activation scales are per tensor; use fp8-static-tensor")
-        return FP8Backend(
-            fp8_match["activation"],
-            fp8_match["granularity"],
-            fp8_match["weight"],
-            use_fast_accum=bool(fp8_match["fastacc"]),
-            compiled=bool(fp8_match["compiled"]),
-        )
-    mm_match = re.fullmatch(r"scaled-mm-(rowwise|tensor)(-fastacc)?", text)
+        try:
+            return FP8Backend(
+                fp8_match["activation"],
+                fp8_match["granularity"],
+                fp8_match["weight"],
+                use_fast_accum=bool(fp8_match["fastacc"]),
+                compiled=bool(fp8_match["compiled"]),
+            )
+        except ConfigError as exc:  # an impossible scheme, e.g. block weights with per-tensor activations
+            raise ConfigError(f"backend {text!r}: {exc}") from exc
+    mm_match = re.fullmatch(r"scaled-mm-(rowwise|tensor|block)(-fastacc)?", text)
     if mm_match:
         return ScaledMMBackend(mm_match.group(1), use_fast_accum=bool(mm_match.group(2)))
     if text == "copy":
         return CopyBackend()
-    quant_match = re.fullmatch(r"quant-(dynamic|static)-(token|tensor)(-torch(?:-compiled)?)?", text)
+    quant_match = re.fullmatch(r"quant-(dynamic|static)-(token|tensor|group)(-torch(?:-compiled)?)?", text)
     if quant_match:
         impl = (quant_match.group(3) or "-kernel").removeprefix("-")
         return QuantBackend(quant_match.group(1), quant_match.group(2), impl)
@@ -809,9 +841,10 @@ def get_backend(backend_id: str) -> Backend:
         return TensorRTBackend()
     raise ConfigError(
         f"unknown backend {text!r}; use torch-bf16|torch-fp16|torch-fp32[-compiled], "
-        "fp8-dynamic-tensor|fp8-dynamic-token|fp8-static-tensor[-wtensor|-wchannel][-fastacc][-compiled], "
-        "scaled-mm-rowwise|scaled-mm-tensor[-fastacc], ort-cpu, ort-cpu-optimized, tensorrt-fp8, "
-        "copy, quant-dynamic-token|quant-dynamic-tensor|quant-static-tensor[-torch[-compiled]] "
+        "fp8-dynamic-tensor|fp8-dynamic-token|fp8-dynamic-group|fp8-static-tensor[-wtensor|-wchannel|-wblock]"
+        "[-fastacc][-compiled], scaled-mm-rowwise|scaled-mm-tensor|scaled-mm-block[-fastacc], ort-cpu, "
+        "ort-cpu-optimized, tensorrt-fp8, copy, "
+        "quant-dynamic-token|quant-dynamic-group|quant-dynamic-tensor|quant-static-tensor[-torch[-compiled]] "
         "(all but ort / tensorrt ids may end in -graph), or a preset: " + ", ".join(BACKEND_PRESETS)
     )
 

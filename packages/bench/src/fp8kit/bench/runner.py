@@ -383,14 +383,22 @@ def _run_quant_group(
 
 def _expected_scale(backend: Backend, x64: torch.Tensor, static_scale: torch.Tensor) -> torch.Tensor | None:
     """The scale a quantization backend must return for x (float64), None for a copy."""
-    inner = getattr(backend, "inner", backend)
-    activation, granularity = getattr(inner, "activation", "none"), getattr(inner, "granularity", "none")
+    activation = getattr(getattr(backend, "inner", backend), "activation", "none")
+    granularity = _granularity(backend)
     if activation == "static":
         return static_scale.double()
     if activation != "dynamic":
         return None
-    amax = x64.abs().amax(dim=-1, keepdim=True) if granularity == "token" else x64.abs().amax()
+    if granularity == "group":  # one per 1 x 128 group along K: [M, ceil(K / 128)]
+        amax = torch.stack([g.abs().amax(dim=-1) for g in x64.split(128, dim=-1)], dim=-1)
+    else:
+        amax = x64.abs().amax(dim=-1, keepdim=True) if granularity == "token" else x64.abs().amax()
     return amax.clamp(min=1e-12) / 448.0
+
+
+def _granularity(backend: Backend) -> str:
+    """The activation granularity a quantization backend computes ("none" for a copy)."""
+    return getattr(getattr(backend, "inner", backend), "granularity", "none")
 
 
 def _measure_quant(
@@ -425,6 +433,8 @@ def _measure_quant(
             scale_err = ((scale64 - expected).abs() / expected).max().item()
             if not scale_err <= 1e-6:
                 status = f"error: scale differs from amax / 448 by {scale_err:.2e} (relative)"
+            if _granularity(backend) == "group":  # (M, K / 128) -> one per element
+                scale64 = scale64.repeat_interleave(128, dim=-1)[:, :k]
             values = q.double() * scale64  # (M, K) dequantized
         if not bool(torch.isfinite(values).all()):
             status = "ok (non-finite outputs)" if status == "ok" else status

@@ -258,25 +258,30 @@ SCALED_MM_BACKENDS: tuple[str, ...] = tuple(
 )
 #: ``fp8-<activation>-<granularity>[-w<weight>][-fastacc][-compiled]`` backend ids (`backends.get_backend`).
 FP8_ID = re.compile(
-    r"^fp8-(?P<activation>dynamic|static)-(?P<granularity>tensor|token)"
-    r"(?:-w(?P<weight>tensor|channel))?(?P<fastacc>-fastacc)?(?P<compiled>-compiled)?$"
+    r"^fp8-(?P<activation>dynamic|static)-(?P<granularity>tensor|token|group)"
+    r"(?:-w(?P<weight>tensor|channel|block))?(?P<fastacc>-fastacc)?(?P<compiled>-compiled)?$"
 )
 
 
 def ceiling_backend_id(backend_id: str) -> str | None:
     """The `scaled-mm-*` id that is the FP8 GEMM ceiling of an ``fp8-*`` backend id (None for others).
 
-    Row-wise scales for per-token activations or per-channel weights, per-tensor otherwise; the same
-    `-fastacc` and `-graph` suffixes (`-compiled` is dropped: the bare GEMM is not compiled).
+    Block scales for 1 x 128 activation groups (with 128 x 128 weight blocks), row-wise scales for
+    per-token activations or per-channel weights, per-tensor otherwise; the same `-fastacc` and
+    `-graph` suffixes (`-compiled` is dropped: the bare GEMM is not compiled).
     """
     graph = backend_id.endswith("-graph")
     match = FP8_ID.fullmatch(backend_id.removesuffix("-graph"))
     if match is None:
         return None
-    weight = match["weight"] or ("channel" if match["granularity"] == "token" else "tensor")
-    rowwise = match["granularity"] == "token" or weight == "channel"
+    granularity = match["granularity"]
+    weight = match["weight"] or {"token": "channel", "group": "block"}.get(granularity, "tensor")
+    if granularity == "group" or weight == "block":
+        scaling = "block"
+    else:
+        scaling = "rowwise" if granularity == "token" or weight == "channel" else "tensor"
     return (
-        f"scaled-mm-{'rowwise' if rowwise else 'tensor'}"
+        f"scaled-mm-{scaling}"
         + ("-fastacc" if match["fastacc"] else "")
         + ("-graph" if graph else "")
     )
@@ -320,6 +325,20 @@ def _cpu_backends(ids: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
+# Block-wise FP8 (issue 15): 1 x 128 activation groups with 128 x 128 weight blocks beside bf16 and
+# per-token / per-channel, each with its bare GEMM ceiling; the group-quantization kernel beside a copy.
+BLOCK_QUANT_BACKENDS: tuple[str, ...] = tuple(
+    b + g
+    for g in ("", "-graph")
+    for b in ("copy", "quant-dynamic-group", "quant-dynamic-token")
+) + ("quant-dynamic-group-torch", "quant-dynamic-group-torch-compiled")
+_BLOCK_LINEARS = ("torch-bf16",) + tuple(
+    f"{b}{fa}" for b in ("fp8-dynamic-group", "fp8-dynamic-token", "scaled-mm-block", "scaled-mm-rowwise") for fa in ("", "-fastacc")
+)
+BLOCK_PREFILL_BACKENDS: tuple[str, ...] = _BLOCK_LINEARS
+BLOCK_DECODE_BACKENDS: tuple[str, ...] = tuple(b + "-graph" for b in _BLOCK_LINEARS)
+_BLOCK_SHAPES = (("square-8192", 8192, 8192), ("gate_proj/up_proj", 14336, 4096), ("down_proj", 4096, 14336))
+
 SUITES: dict[str, tuple[SuitePart, ...]] = {
     # Issue 5, targets 1-3 (about 5 minutes on one H100).
     "h100-speed": (
@@ -336,6 +355,17 @@ SUITES: dict[str, tuple[SuitePart, ...]] = {
         SuitePart("quant", _quant([(8192, 8192), (16, 4096)]), QUANT_BACKENDS + QUANT_GRAPH_BACKENDS),
         SuitePart("prefill", _linears("prefill", _PREFILL_SHAPES[:1], (8192,)), PREFILL_BACKENDS),
         SuitePart("decode", _linears("decode", _DECODE_SHAPES[:1], (16,)), DECODE_BACKENDS, rotate_bytes=512 * 2**20),
+    ),
+    # Issue 15 on an H200 (about 3 minutes): block-wise FP8 at M = 8192 (eager) and decode M = 1, 8, 16
+    # (CUDA graphs, weights rotated from HBM) on three Llama shapes, and the 1 x 128 group kernel.
+    "h200-block": (
+        SuitePart(
+            "quant",
+            _quant([(8192, 8192), (8192, 4096), (8192, 14336)] + [(m, 4096) for m in _DECODE_M]),
+            BLOCK_QUANT_BACKENDS,
+        ),
+        SuitePart("prefill", _linears("prefill", _BLOCK_SHAPES, (8192,)), BLOCK_PREFILL_BACKENDS),
+        SuitePart("decode", _linears("decode", _BLOCK_SHAPES, _DECODE_M), BLOCK_DECODE_BACKENDS, rotate_bytes=512 * 2**20),
     ),
     # The same structure on tiny shapes for CPU runs and tests (seconds).
     "cpu-speed": (
