@@ -128,7 +128,7 @@ def main() -> None:
     result["tensors"] = len(one)
     result["tensor_names_equal"] = sorted(one) == sorted(split)
     result["tensors_not_bit_equal"] = [
-        k for k in one if k in split and not torch.equal(one[k].view(torch.uint8), split[k].view(torch.uint8))
+        k for k in one if k in split and not torch.equal(one[k].reshape(-1).view(torch.uint8), split[k].reshape(-1).view(torch.uint8))
     ][:20]
     del one, split
 
