@@ -22,7 +22,9 @@ without it); inputs must be contiguous or are copied to a contiguous tensor firs
 
 from __future__ import annotations
 
+import os
 import struct
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
@@ -60,7 +62,7 @@ _EPILOGUE_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 triton = None  # bound by _build(), with tl and the @triton.jit helpers below
 tl = None
-_abs_bits = _scale_from_bits = _quantize = None
+_abs_bits = _scale_from_bits = _quantize = _to_fp8_grid = _fused_epilogue = None
 
 # Host-side caches (plain dicts, not functools caches: cheaper per call, and nothing here is
 # reached under torch.compile, where `scaling` dispatches to the torch reference ops instead).
@@ -289,6 +291,7 @@ def _define_kernels() -> None:
 
     _bind_driver()
     _kernels = SimpleNamespace(
+        fused_linear=_define_fused_linear(),
         scale_epilogue=scale_epilogue_kernel,
         per_token=per_token_kernel,
         per_group=per_group_kernel,
@@ -352,24 +355,27 @@ def _spec(args: tuple) -> tuple:
     )
 
 
-def _launch(kernel, grid: int, args: tuple, consts: tuple, num_warps: int, device: torch.device) -> None:
-    """``kernel[(grid,)](*args, *consts, num_warps=num_warps)`` with less host time.
+def _launch(
+    kernel, grid: int, args: tuple, consts: tuple, num_warps: int, device: torch.device, num_stages: int | None = None
+) -> None:
+    """``kernel[(grid,)](*args, *consts, num_warps=num_warps[, num_stages=num_stages])`` with less host time.
 
     `args`: the runtime arguments (tensors, ints), `consts`: the constexpr values, both in the
     kernel's parameter order (constexprs last). Triton's `JITFunction.run` spends ~10-20 µs a call
     binding arguments, reading knobs and hashing options before it reaches the compiled kernel's
-    launcher. On CUDA the first call per specialization key (`_spec` + constexprs + warps +
+    launcher. On CUDA the first call per specialization key (`_spec` + constexprs + warps + stages +
     current device) goes through it and keeps the CompiledKernel; later calls launch that kernel
     directly, the way `JITFunction.run` does (current stream, launch hooks, launch metadata).
     """
+    options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
     if not (DIRECT_LAUNCH and _driver.ok and device.type == "cuda"):
-        kernel[(grid,)](*args, *consts, num_warps=num_warps)
+        kernel[(grid,)](*args, *consts, **options)
         return
     dev = _driver.current_device()
-    key = (id(kernel), dev, num_warps, consts, _spec(args))
+    key = (id(kernel), dev, num_warps, num_stages, consts, _spec(args))
     entry = _launchers.get(key)
     if entry is None:
-        compiled = kernel[(grid,)](*args, *consts, num_warps=num_warps)  # compiles once, launches
+        compiled = kernel[(grid,)](*args, *consts, **options)  # compiles once, launches
         try:
             _launchers[key] = (compiled, compiled.run, compiled.function, compiled.packed_metadata)
         except AttributeError:  # not a CompiledKernel as expected: keep Triton's launcher
@@ -377,7 +383,7 @@ def _launch(kernel, grid: int, args: tuple, consts: tuple, num_warps: int, devic
         return
     compiled = entry[0]
     if compiled is None:
-        kernel[(grid,)](*args, *consts, num_warps=num_warps)
+        kernel[(grid,)](*args, *consts, **options)
         return
     _, run, function, packed = entry
     stream = _driver.current_stream(dev)
@@ -584,3 +590,319 @@ def scale_epilogue(
         (sa_rows, sb_rows, has_bias, block_n), 4, device,
     )  # fmt: skip
     return out
+
+
+# --- Fused skinny-M FP8 linear: quantize x, stream the FP8 weight, scale, in one launch -------------------
+
+#: Activation modes of `fused_linear` (the kernel's ACT constexpr).
+FUSED_ACTIVATIONS = {"static": 0, "tensor": 1, "token": 2, "fp8": 3}
+_FUSED_MAX_BLOCK_M = 64
+
+
+def _define_fused_linear():
+    """The fused skinny-M kernel (called from `_define_kernels`: it uses the helpers bound there)."""
+    global _to_fp8_grid, _fused_epilogue
+
+    @triton.jit
+    def _to_fp8_grid(v, EMULATE_CAST: tl.constexpr):
+        # v: fp32 in [-448, 448] (or NaN). Returns it as float8_e4m3fn, rounded to nearest even.
+        # EMULATE_CAST (the CPU interpreter only, whose fp32 -> fp8 cast does not carry a rounding
+        # into the exponent: 127.0 -> 64): round onto the E4M3 grid in fp32 first (adding and
+        # subtracting 1.5 * 2^23 ulps rounds to a multiple of the ulp), then cast exactly.
+        if EMULATE_CAST:
+            exp = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # unbiased exponent of |v|
+            exp = tl.maximum(exp, -6)  # subnormals: the ulp of 2^-6 .. (2^-9)
+            magic = ((exp - 3 + 23 + 127) << 23).to(tl.float32, bitcast=True) * 1.5  # 1.5 * 2^23 * ulp
+            v = (v + magic) - magic
+        return v.to(tl.float8e4nv)
+
+    @triton.jit
+    def fused_linear_kernel(
+        x_ptr, w_ptr, sx_ptr, sw_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, K_SPLIT,
+        FLOOR_BITS: tl.constexpr, ACT: tl.constexpr, SX_ROWS: tl.constexpr, SW_ROWS: tl.constexpr,
+        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        SPLIT_K: tl.constexpr, AMAX_BLOCK_K: tl.constexpr, EXACT_DIV: tl.constexpr, EMULATE_CAST: tl.constexpr,
+    ):  # fmt: skip
+        # Program p: output columns of tile p // SPLIT_K, K range p % SPLIT_K (K_SPLIT columns, a
+        # multiple of BLOCK_K). The GEMM is computed transposed (out.T = W @ xq.T, "swap AB"), so the
+        # big N side is the MMA's M and the skinny M (padded to BLOCK_M >= 16) its N.
+        pid = tl.program_id(0)
+        pid_n = pid // SPLIT_K
+        pid_k = pid % SPLIT_K
+        rows = tl.arange(0, BLOCK_M)  # (BLOCK_M,) activation rows m
+        row_mask = rows < M
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output columns n
+        col_mask = cols < N
+        x_rows = x_ptr + rows.to(tl.int64)[:, None] * K  # (BLOCK_M, 1)
+        w_rows = w_ptr + cols.to(tl.int64)[:, None] * K  # (BLOCK_N, 1)
+
+        # Activation scale: ACT 0 static (one fp32 at sx_ptr), 1 dynamic per-tensor, 2 dynamic per-token
+        # (every program reduces the whole x: M x K is small and L2-resident), 3 x already FP8
+        # (scale at sx_ptr, one or one per row).
+        if ACT == 1 or ACT == 2:
+            amax = tl.zeros([BLOCK_M, AMAX_BLOCK_K], dtype=tl.int32)
+            for k0 in range(0, K, AMAX_BLOCK_K):
+                ka = k0 + tl.arange(0, AMAX_BLOCK_K)
+                xa = tl.load(x_rows + ka[None, :], mask=row_mask[:, None] & (ka < K)[None, :], other=0.0)
+                amax = tl.maximum(amax, _abs_bits(xa))
+            if ACT == 2:
+                x_scale = _scale_from_bits(tl.max(amax, axis=1), FLOOR_BITS)  # (BLOCK_M,)
+            else:
+                x_scale = _scale_from_bits(tl.max(tl.max(amax, axis=1), axis=0), FLOOR_BITS) + tl.zeros(
+                    [BLOCK_M], dtype=tl.float32
+                )
+        elif SX_ROWS:
+            x_scale = tl.load(sx_ptr + rows, mask=row_mask, other=1.0)
+        else:
+            x_scale = tl.load(sx_ptr) + tl.zeros([BLOCK_M], dtype=tl.float32)
+        inv_scale = tl.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), x_scale)  # x / s as x * (1 / s) unless EXACT_DIV
+
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        k_start = pid_k * K_SPLIT
+        k_end = tl.minimum(k_start + K_SPLIT, K)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_mask = ks < k_end
+            x = tl.load(x_rows + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            if ACT == 3:
+                xq = x
+            else:
+                if EXACT_DIV:  # IEEE x / s: the same FP8 values as the quantize kernels
+                    v = tl.div_rn(x.to(tl.float32), x_scale[:, None])
+                else:
+                    v = x.to(tl.float32) * inv_scale[:, None]
+                v = tl.maximum(v, -448.0, propagate_nan=tl.PropagateNan.ALL)
+                v = tl.minimum(v, 448.0, propagate_nan=tl.PropagateNan.ALL)
+                xq = _to_fp8_grid(v, EMULATE_CAST)  # (BLOCK_M, BLOCK_K) fp8
+            w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+            acc = tl.dot(w, tl.trans(xq), acc)  # (BLOCK_N, BLOCK_M) fp32
+
+        out_offs = rows.to(tl.int64)[None, :] * N + cols[:, None]  # (BLOCK_N, BLOCK_M): out is [M, N]
+        out_mask = col_mask[:, None] & row_mask[None, :]
+        if SPLIT_K > 1:
+            # Each split stores its partial sums; the last to arrive at this tile's counter adds them in
+            # split order (deterministic), resets the counter to 0 and writes the output.
+            tile = M * N
+            tl.store(ws_ptr + pid_k * tile + out_offs, acc, mask=out_mask)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + pid_n, 1)  # acq_rel, gpu scope: publishes the partial
+            if arrived == SPLIT_K - 1:
+                acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+                for s in tl.static_range(SPLIT_K):
+                    acc += tl.load(ws_ptr + s * tile + out_offs, mask=out_mask, other=0.0, cache_modifier=".cg")
+                tl.atomic_xchg(cnt_ptr + pid_n, 0)
+                _fused_epilogue(acc, x_scale, sw_ptr, bias_ptr, out_ptr, out_offs, out_mask, cols, col_mask,
+                                SW_ROWS, HAS_BIAS)  # fmt: skip
+        else:
+            _fused_epilogue(acc, x_scale, sw_ptr, bias_ptr, out_ptr, out_offs, out_mask, cols, col_mask,
+                            SW_ROWS, HAS_BIAS)  # fmt: skip
+
+    @triton.jit
+    def _fused_epilogue(
+        acc, x_scale, sw_ptr, bias_ptr, out_ptr, out_offs, out_mask, cols, col_mask,
+        SW_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ):  # fmt: skip
+        # out[m, n] = acc[n, m] * x_scale[m] * w_scale[n] (+ bias[n]) in fp32, one rounding to out's dtype.
+        out = acc * x_scale[None, :]
+        if SW_ROWS:
+            out = out * tl.load(sw_ptr + cols, mask=col_mask, other=0.0)[:, None]
+        else:
+            out = out * tl.load(sw_ptr)
+        if HAS_BIAS:
+            out = out + tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+    return fused_linear_kernel
+
+
+@dataclass(frozen=True)
+class FusedTiles:
+    """Launch parameters of the fused skinny-M kernel (see `fused_linear`).
+
+    block_n: output columns per program (the MMA's M side; >= 16); block_k: K columns per step (>= 32);
+    split_k: K ranges per output tile, reduced in split order by the last program to finish the tile;
+    amax_block_k: columns per step of the dynamic-scale reduction; num_warps / num_stages: Triton's;
+    exact_div: quantize with an IEEE division (the quantize kernels' FP8 values) instead of a multiply
+    by the reciprocal (cheaper; a value within an fp32 ulp of a rounding boundary can round the other way).
+    """
+
+    block_n: int = 64
+    block_k: int = 128
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    amax_block_k: int = 512
+    exact_div: bool = True
+
+
+# Split-K workspace per device: (fp32 partial sums, int32 per-tile arrival counters, all zero between
+# launches). Shared by every plan on the device, so launches must not overlap in time on two streams.
+_fused_workspace: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device: torch.device, floats: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Split-K workspace with at least `floats` fp32 and `tiles` counters; None when it would have to
+    be (re)allocated while a CUDA graph is being captured (a zero-filled buffer made there is zero only
+    in the graph's replays)."""
+    ws = _fused_workspace.get(device)
+    if ws is None or ws[0].numel() < floats or ws[1].numel() < tiles:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        old_floats, old_tiles = (ws[0].numel(), ws[1].numel()) if ws is not None else (0, 0)
+        ws = _fused_workspace[device] = (
+            torch.empty(max(floats, old_floats, 1), dtype=torch.float32, device=device),
+            torch.zeros(max(tiles, old_tiles, 1), dtype=torch.int32, device=device),
+        )
+    return ws
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+class FusedPlan:
+    """One shape's launch of the fused kernel, resolved once: call it with the tensors of that shape.
+
+    Made by `fused_plan`; `FP8Linear` keeps one per batch size M, so a decode step's host work is one
+    output allocation and one launch (the compiled kernel is launched directly after the first call,
+    see `_launch`).
+    """
+
+    __slots__ = ("m", "n", "k", "activation", "out_dtype", "grid", "consts", "num_warps", "num_stages",
+                 "k_split", "ws", "cnt", "device")  # fmt: skip
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        weight_scale: torch.Tensor,
+        x_scale: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x [M, K] contiguous (bf16 / fp16 / fp32, or fp8 for activation "fp8"); weight fp8 [N, K]
+        contiguous; weight_scale fp32 [] or [N, 1]; x_scale fp32 [] (static), [] or [M, 1] ("fp8"), else
+        None; bias [N] or None (as planned). Returns out [M, N] of the planned dtype."""
+        if out is None:
+            out = torch.empty((self.m, self.n), dtype=self.out_dtype, device=self.device)
+        sx = weight_scale if x_scale is None else x_scale  # any pointer when the kernel ignores it
+        args = (x, weight, sx, weight_scale, weight_scale if bias is None else bias, out, self.ws, self.cnt,
+                self.m, self.n, self.k, self.k_split)  # fmt: skip
+        _launch(_kernels.fused_linear, self.grid, args, self.consts, self.num_warps, self.device, self.num_stages)
+        return out
+
+
+def fused_plan(
+    m: int,
+    n: int,
+    k: int,
+    activation: str,
+    *,
+    x_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    x_scale_rows: bool = False,
+    weight_scale_rows: bool = False,
+    has_bias: bool = False,
+    device: torch.device,
+    tiles: FusedTiles | None = None,
+) -> FusedPlan | None:
+    """Plan the fused kernel for an [M, K] x [N, K] linear; None when the split-K workspace would have
+    to be allocated during CUDA-graph capture (call once outside capture first).
+
+    activation: "static" / "tensor" / "token" (x in bf16 / fp16 / fp32, quantized in the kernel) or
+    "fp8" (x already FP8 with x_scale fp32 [] or, with `x_scale_rows`, [M, 1]).
+    Raises ValueError for a shape or dtype the kernel does not take.
+    """
+    tiles = tiles or FusedTiles()
+    if activation not in FUSED_ACTIVATIONS:
+        raise ValueError(f"fused_plan: activation must be one of {list(FUSED_ACTIVATIONS)}, got {activation!r}")
+    expected = (_FP8_DTYPE,) if activation == "fp8" else _INPUT_DTYPES
+    if x_dtype not in expected:
+        raise ValueError(f"fused_plan: activation {activation!r} takes x of dtype {expected}, got {x_dtype}")
+    if out_dtype not in _EPILOGUE_OUT_DTYPES:
+        raise ValueError(f"fused_plan: out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
+    if not 1 <= m <= _FUSED_MAX_BLOCK_M or n < 1 or k < 1:
+        raise ValueError(f"fused_plan: needs 1 <= M <= {_FUSED_MAX_BLOCK_M} and N, K >= 1, got M x N x K = {m} x {n} x {k}")
+    if tiles.block_n < 16 or tiles.block_k < 32 or tiles.split_k < 1:
+        raise ValueError(f"fused_plan: tiles need block_n >= 16, block_k >= 32, split_k >= 1, got {tiles}")
+    block_m = max(16, _next_pow2(m))
+    blocks_k = _cdiv(k, tiles.block_k)
+    split_k = min(tiles.split_k, blocks_k)
+    k_split = _cdiv(blocks_k, split_k) * tiles.block_k  # K columns per split, a multiple of block_k
+    split_k = _cdiv(k, k_split)  # no empty split
+    tiles_n = _cdiv(n, tiles.block_n)
+    ws = cnt = None
+    if split_k > 1:
+        workspace = _workspace(device, split_k * m * n, tiles_n)
+        if workspace is None:
+            return None
+        ws, cnt = workspace
+    plan = FusedPlan()
+    plan.m, plan.n, plan.k, plan.activation, plan.out_dtype, plan.device = m, n, k, activation, out_dtype, device
+    plan.grid = tiles_n * split_k
+    plan.k_split = k_split
+    plan.num_warps, plan.num_stages = tiles.num_warps, tiles.num_stages
+    amax_block = min(_next_pow2(k), max(16, tiles.amax_block_k))
+    plan.consts = (
+        _FLOOR_BITS, FUSED_ACTIVATIONS[activation], x_scale_rows, weight_scale_rows, has_bias,
+        block_m, tiles.block_n, tiles.block_k, split_k, amax_block, tiles.exact_div, _interpreting(),
+    )  # fmt: skip
+    placeholder = torch.empty(0, dtype=torch.int32, device=device) if ws is None else None
+    plan.ws = ws if ws is not None else placeholder.float()
+    plan.cnt = cnt if cnt is not None else placeholder
+    _build()
+    return plan
+
+
+def fused_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    activation: str,
+    *,
+    x_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    tiles: FusedTiles | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``quantize(x) @ weight.T * x_scale * weight_scale + bias`` for skinny x, in one launch: [M, N].
+
+    x: [M, K] bf16 / fp16 / fp32 (or fp8 with activation "fp8"), M <= 64; weight: fp8 [N, K];
+    weight_scale: fp32 [] or [N, 1]; activation: "static" (x_scale fp32 [] given), "tensor" / "token"
+    (dynamic: each program reduces x's amax itself, so the scale equals `quantize_per_tensor` /
+    `quantize_per_token`'s) or "fp8"; bias [N] or None; out_dtype defaults to x's (bf16 for fp8 x).
+    The activation is quantized as ``cast_fp8(clamp(x / scale, -448, 448))`` (the quantize kernels' FP8
+    values; `FusedTiles.exact_div=False` multiplies by the reciprocal instead), the products are
+    accumulated in fp32 on the tensor cores, and both scales are applied to the fp32 sum before one
+    rounding to out_dtype. Not bit-identical to `_scaled_mm` (accumulation order); as accurate.
+    """
+    if x.dim() != 2 or weight.dim() != 2 or weight.dtype != _FP8_DTYPE or x.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"fused_linear: expected x [M, K] and an fp8 weight [N, K], got x {x.dtype} {tuple(x.shape)} and "
+            f"weight {weight.dtype} {tuple(weight.shape)}"
+        )
+    m, k = x.shape
+    n = weight.shape[0]
+    device = x.device
+    out_dtype = out_dtype or (torch.bfloat16 if x.dtype == _FP8_DTYPE else x.dtype)
+    if activation in ("static", "fp8"):
+        if x_scale is None or x_scale.dtype != torch.float32 or x_scale.numel() not in (1, m) or x_scale.device != device:
+            raise ValueError(f"fused_linear: activation {activation!r} needs x_scale fp32 [] (or [M, 1] for 'fp8') on {device}")
+        if activation == "static" and x_scale.numel() != 1:
+            raise ValueError(f"fused_linear: a static x_scale is one element, got shape {tuple(x_scale.shape)}")
+    if weight_scale.dtype != torch.float32 or weight_scale.numel() not in (1, n) or weight_scale.device != device:
+        raise ValueError(f"fused_linear: weight_scale must be fp32 with 1 or {n} elements on {device}, got {weight_scale.dtype} {tuple(weight_scale.shape)}")
+    if bias is not None and (bias.numel() != n or bias.device != device):
+        raise ValueError(f"fused_linear: bias must have {n} elements on {device}, got {tuple(bias.shape)}")
+    if m == 0:
+        return torch.zeros(0, n, dtype=out_dtype, device=device) if out is None else out
+    plan = fused_plan(
+        m, n, k, activation, x_dtype=x.dtype, out_dtype=out_dtype,
+        x_scale_rows=x_scale is not None and x_scale.numel() != 1 and activation == "fp8",
+        weight_scale_rows=weight_scale.numel() != 1, has_bias=bias is not None, device=device, tiles=tiles,
+    )  # fmt: skip
+    if plan is None:
+        raise RuntimeError("fused_linear: the split-K workspace cannot be allocated during CUDA-graph capture; call it once before capturing")
+    return plan(x.contiguous(), weight.contiguous(), weight_scale.contiguous(), None if x_scale is None else x_scale.contiguous(),
+                None if bias is None else bias.contiguous(), out)  # fmt: skip
