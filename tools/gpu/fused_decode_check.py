@@ -10,7 +10,8 @@ Sections:
 2. tiles.csv: µs per call under CUDA-graph replay (weights rotated through >= 512 MB) of the fused kernel
    for a grid of tiles (block_n, block_k, split_k, warps, stages, exact division or not).
 3. decode.csv: for Llama-3-8B linear shapes and M in {1, 8, 16, 32}: bf16 `F.linear`, the existing FP8
-   path and the fused kernel with the best tiles of section 2, per scheme, under graphs (device µs) and
+   path, the fused kernel with the best tiles of section 2 and "prequant" (quantize kernel + the fused
+   kernel on FP8 x: two launches, no amax reduction in every program), per scheme, under graphs (device µs) and
    eagerly (wall µs per call of 200 back-to-back calls: what host time leaves of it), plus host µs.
 The last lines print the best tiles per shape class: what goes into `fp8kit.core.skinny`'s table.
 """
@@ -160,7 +161,7 @@ def sweep(out_dir: Path, budget_s: float) -> dict:
     end = time.monotonic() + budget_s
     grid = [
         kernels.FusedTiles(block_n=bn, block_k=bk, split_k=sk, num_warps=4, num_stages=3)
-        for bn, bk, sk in itertools.product((32, 64, 128), (128, 256), (1, 2, 4))
+        for bn, bk, sk in [*itertools.product((32, 64, 128), (128, 256), (1, 2, 4)), (32, 128, 8), (32, 256, 8), (64, 128, 8)]
     ]
     if DEVICE != "cuda":
         grid = grid[:2]
@@ -254,10 +255,16 @@ def decode(out_dir: Path, best: dict, budget_s: float) -> None:
                     q, s = scaling.quantize_activation(x, act if act != "static" else "tensor", xs)
                     return scaling.fp8_matmul(q, wq, s, ws, out_dtype=torch.bfloat16)
 
+                def prequant(wq, ws):
+                    q, s = scaling.quantize_activation(x, act if act != "static" else "tensor", xs)
+                    return kernels.fused_linear(q, wq, ws, "fp8", x_scale=s, out_dtype=torch.bfloat16, tiles=tiles)
+
                 variants = {
                     "bf16": [lambda w=w: F.linear(x, w) for w in w_bf16],
                     "existing": [lambda w=w: existing(*w[1]) for w in weights],
                     "fused": [(lambda w=w: kernels.fused_linear(x, w[1][0], w[1][1], act, x_scale=xs, tiles=tiles)) for w in weights],
+                    # two launches: the quantize kernel, then the fused kernel on FP8 x (no amax in every program)
+                    "prequant": [(lambda w=w: prequant(*w[1])) for w in weights],
                 }
                 if act != "token":
                     xq, xsq = scaling.quantize_activation(x, "tensor", xs)
