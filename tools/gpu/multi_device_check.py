@@ -6,8 +6,8 @@ Run from the repo root on a GPU machine (random weights; nothing is downloaded):
     PYTHONPATH=packages/core/src python tools/gpu/multi_device_check.py --out $OUT \
         --max-memory 0=8GiB,cpu=200GiB        # one GPU: what does not fit is offloaded to CPU memory
 
-Steps: build the bf16 model on cuda:0 from a seed and save it as a Hugging Face directory; (A) quantize it on
-cuda:0 alone (static activations + KV-cache scales, 8 x 512 random tokens) and save; (B) load the directory with
+Steps: build the bf16 model on cuda:0 from a seed and save it as a Hugging Face directory; (A) load it on cuda:0
+alone (`device_map={"": 0}`), quantize it (static activations + KV-cache scales, 8 x 512 random tokens) and save; (B) load the directory with
 `device_map="auto"` and `--max-memory`, calibrate and quantize where each layer lives, save; compare every
 tensor of A and B bit for bit; (C) reload B with `load_quantized(device_map="auto", max_memory=...)` and compare
 its logits with A reloaded on cuda:0. Writes multi_device.json (times, peak memory per GPU, the device map's
@@ -97,8 +97,10 @@ def main() -> None:
     model.save_pretrained(hf)
     result["build_and_save_bf16_s"] = round(time.perf_counter() - t, 1)
 
-    # (A) one GPU
+    del model  # (A) one GPU, loaded through the same from_pretrained path as (B), so RoPE buffers etc. are identical
+    free()
     reset_peaks()
+    model, _ = load_model(hf, dtype=torch.bfloat16, device_map={"": 0})
     t = time.perf_counter()
     quantize(model, CONFIG, calibration)
     torch.cuda.synchronize()
