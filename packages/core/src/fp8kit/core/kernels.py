@@ -764,12 +764,13 @@ class FusedPlan:
     """One shape's launch of the fused kernel, resolved once: call it with the tensors of that shape.
 
     Made by `fused_plan`; `FP8Linear` keeps one per batch size M, so a decode step's host work is one
-    output allocation and one launch (the compiled kernel is launched directly after the first call,
-    see `_launch`).
+    output allocation and one launch. After the first call the compiled kernel is launched directly
+    (as `_launch` does, without even its key: the plan fixes every constexpr and integer argument) as
+    long as the tensors are 16-byte aligned like the first call's and the current device is the plan's.
     """
 
     __slots__ = ("m", "n", "k", "activation", "out_dtype", "grid", "consts", "num_warps", "num_stages",
-                 "k_split", "ws", "cnt", "device")  # fmt: skip
+                 "k_split", "ws", "cnt", "device", "_direct")  # fmt: skip
 
     def __call__(
         self,
@@ -786,9 +787,29 @@ class FusedPlan:
         if out is None:
             out = torch.empty((self.m, self.n), dtype=self.out_dtype, device=self.device)
         sx = weight_scale if x_scale is None else x_scale  # any pointer when the kernel ignores it
-        args = (x, weight, sx, weight_scale, weight_scale if bias is None else bias, out, self.ws, self.cnt,
-                self.m, self.n, self.k, self.k_split)  # fmt: skip
+        b = weight_scale if bias is None else bias
+        args = (x, weight, sx, weight_scale, b, out, self.ws, self.cnt, self.m, self.n, self.k, self.k_split)
+        direct = self._direct
+        if direct is not None and not (
+            x.data_ptr() % 16 or weight.data_ptr() % 16 or sx.data_ptr() % 16 or weight_scale.data_ptr() % 16
+            or b.data_ptr() % 16 or out.data_ptr() % 16
+        ) and _driver.current_device() == direct[0]:  # fmt: skip
+            index, compiled, run, function, packed = direct
+            stream = _driver.current_stream(index)
+            runtime = _driver.runtime
+            consts = self.consts
+            metadata = compiled.launch_metadata((self.grid, 1, 1), stream, *args, *consts)
+            run(self.grid, 1, 1, stream, function, packed, metadata, runtime.launch_enter_hook,
+                runtime.launch_exit_hook, *args, *consts)  # fmt: skip
+            return out
         _launch(_kernels.fused_linear, self.grid, args, self.consts, self.num_warps, self.device, self.num_stages)
+        if direct is None and DIRECT_LAUNCH and _driver.ok and self.device.type == "cuda":
+            spec = _spec(args)
+            if all(aligned for _, aligned in spec[:6]):  # the kernel compiled for aligned tensors
+                key = (id(_kernels.fused_linear), _driver.current_device(), self.num_warps, self.num_stages, self.consts, spec)
+                entry = _launchers.get(key)
+                if entry is not None and entry[0] is not None:
+                    self._direct = (key[1], *entry)
         return out
 
 
@@ -831,12 +852,10 @@ def fused_plan(
     k_split = _cdiv(blocks_k, split_k) * tiles.block_k  # K columns per split, a multiple of block_k
     split_k = _cdiv(k, k_split)  # no empty split
     tiles_n = _cdiv(n, tiles.block_n)
-    ws = cnt = None
-    if split_k > 1:
-        workspace = _workspace(device, split_k * m * n, tiles_n)
-        if workspace is None:
-            return None
-        ws, cnt = workspace
+    # Without split-K the kernel never touches the workspace, but gets real (non-null) pointers.
+    workspace = _workspace(device, split_k * m * n, tiles_n) if split_k > 1 else _workspace(device, 1, 1)
+    if workspace is None:
+        return None
     plan = FusedPlan()
     plan.m, plan.n, plan.k, plan.activation, plan.out_dtype, plan.device = m, n, k, activation, out_dtype, device
     plan.grid = tiles_n * split_k
@@ -847,9 +866,8 @@ def fused_plan(
         _FLOOR_BITS, FUSED_ACTIVATIONS[activation], x_scale_rows, weight_scale_rows, has_bias,
         block_m, tiles.block_n, tiles.block_k, split_k, amax_block, tiles.exact_div, _interpreting(),
     )  # fmt: skip
-    placeholder = torch.empty(0, dtype=torch.int32, device=device) if ws is None else None
-    plan.ws = ws if ws is not None else placeholder.float()
-    plan.cnt = cnt if cnt is not None else placeholder
+    plan.ws, plan.cnt = workspace
+    plan._direct = None
     _build()
     return plan
 

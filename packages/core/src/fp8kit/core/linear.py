@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import scaling
+from . import scaling, skinny
 from .config import QuantConfig
 
 __all__ = ["FP8Linear"]
@@ -13,6 +13,7 @@ __all__ = ["FP8Linear"]
 # Buffers whose dtype never changes with `model.to(dtype)` / `.half()`: float8 counts as a
 # floating type, so without this guard `.half()` would turn the FP8 weight into fp16.
 _FIXED_DTYPE_BUFFERS = ("weight", "weight_scale", "input_scale")
+_MISSING = object()
 
 
 class FP8Linear(nn.Module):
@@ -63,6 +64,9 @@ class FP8Linear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
         else:
             self.register_parameter("bias", None)
+        # Fused skinny-M launches (`skinny.plan_for`), one per (M, input dtype, device); None = existing path.
+        self._skinny_scheme = skinny.scheme_of(activation, activation_granularity, weight_granularity)
+        self._skinny_plans: dict[tuple, object] = {}
 
     @classmethod
     def from_linear(
@@ -111,6 +115,10 @@ class FP8Linear(nn.Module):
                 use_fast_accum=self.use_fast_accum,
             )  # (M, N)
             return out if flat else out.reshape(*x.shape[:-1], self.out_features)
+        if not torch.compiler.is_compiling() and x2d.is_cuda and x2d.shape[0] <= skinny.MAX_M:  # no guard on M
+            out = self._fused(x2d)  # one launch where measured faster (decode sizes), else None
+            if out is not None:
+                return out if flat else out.reshape(*x.shape[:-1], self.out_features)
         # Triton kernels on GPU in eager; the torch reference ops under torch.compile.
         x_fp8, x_scale = scaling.quantize_activation(x2d, self.activation_granularity, self.input_scale)
         out = scaling.fp8_matmul(
@@ -124,7 +132,28 @@ class FP8Linear(nn.Module):
         )  # (M, N)
         return out if flat else out.reshape(*x.shape[:-1], self.out_features)
 
+    def _fused(self, x2d: torch.Tensor) -> torch.Tensor | None:
+        """The fused skinny-M kernel's output for x2d [M, K] (CUDA), or None where it does not run."""
+        key = (x2d.shape[0], x2d.dtype, x2d.device)
+        plan = self._skinny_plans.get(key, _MISSING)
+        if plan is _MISSING:
+            plan = skinny.plan_for(
+                self._skinny_scheme, key[0], self.out_features, self.in_features, x_dtype=x2d.dtype,
+                weight_scale_rows=self.weight_scale.dim() != 0, has_bias=self.bias is not None, device=x2d.device,
+            )  # fmt: skip
+            if plan is not None or not torch.cuda.is_current_stream_capturing():  # None in capture: ask again later
+                self._skinny_plans[key] = plan
+        if plan is None or not x2d.is_contiguous():
+            return None
+        return plan(x2d, self.weight, self.weight_scale, self.input_scale, self.bias)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_skinny_plans"] = {}  # launch plans hold device workspaces: never copied or pickled
+        return state
+
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
+        self._skinny_plans.clear()  # a new device or bias dtype: plan again
         kept = {name: self._buffers.pop(name) for name in _FIXED_DTYPE_BUFFERS if name in self._buffers}
         try:
             super()._apply(fn, recurse)
