@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from fp8kit.core import FP8Linear, QuantConfig, kernels, scaling
+from fp8_reference import emulate
+from fp8kit.core import FP8Linear, QuantConfig, kernels, scaling, skinny
 
 
 def _reason() -> str | None:
@@ -353,7 +354,8 @@ def test_scale_epilogue_writes_every_element_of_a_poisoned_out(out_dtype):
         assert (out == expected).float().mean() > 0.99
 
 
-def test_fp8linear_per_token_dispatches_to_the_skinny_path_by_m(epilogue_calls):
+def test_fp8linear_per_token_dispatches_to_the_skinny_path_by_m(epilogue_calls, monkeypatch):
+    monkeypatch.setattr(skinny, "ENABLED", False)  # the unfused path (the fused kernel is tested below)
     linear = nn.Linear(4096, 1040).to(device="cuda", dtype=torch.bfloat16)
     fp8 = FP8Linear.from_linear(linear, QuantConfig(weight="channel", activation_granularity="token"))
     for m in (1, 16, 17, 64):
@@ -394,4 +396,136 @@ def test_skinny_rowwise_under_torch_compile_matches_eager():
     compiled = torch.compile(scaling.fp8_matmul, fullgraph=True)
     out = compiled(xq, wq, xs, ws, bias)
     torch.testing.assert_close(out.float(), expected.float(), rtol=1e-2, atol=1e-2 * expected.abs().max().item())
+    torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------- fused skinny-M linear
+
+FUSED_SHAPES = [(1, 1040, 4096), (7, 999, 1000), (16, 4096, 14336), (13, 333, 4100), (32, 1024, 4096)]
+FUSED_TILES = {"default": kernels.FusedTiles(), "split3-bn32": kernels.FusedTiles(block_n=32, split_k=3),
+               "bn128-bk256": kernels.FusedTiles(block_n=128, block_k=256, num_stages=4)}  # fmt: skip
+
+
+def fused_inputs(m, n, k, act, bias_dtype):
+    """(x for the kernel, wq, ws, x_scale for the kernel, bias, (xq, xs) the quantize kernels give, seed)."""
+    x_rowwise = act in ("token", "fp8-token")
+    xq, wq, xs, ws, bias, seed = fp8_operands(m, n, k, x_rowwise, act != "static", bias_dtype)
+    x = (xq.float() * xs).to(torch.bfloat16)  # bf16 activations (values on a scaled FP8 grid, mostly)
+    x = x + torch.randn_like(x) * x.abs().amax() * 2**-12  # ... and off it
+    if act == "static":
+        xs = scaling.tensor_scale(x) * 0.8  # the largest values clamp
+        return x, wq, ws, xs, bias, (kernels.quantize_static(x, xs), xs), seed
+    q, s = (kernels.quantize_per_token if x_rowwise else kernels.quantize_per_tensor)(x)
+    if act.startswith("fp8"):
+        return q, wq, ws, s, bias, (q, s), seed
+    return x, wq, ws, None, bias, (q, s), seed
+
+
+@pytest.mark.parametrize("tiles", list(FUSED_TILES))
+@pytest.mark.parametrize("act", ["static", "tensor", "token", "fp8-token", "fp8-tensor"])
+@pytest.mark.parametrize("shape", FUSED_SHAPES, ids=str)
+def test_fused_linear_vs_float64_every_scheme(shape, act, tiles):
+    m, n, k = shape
+    out_dtype = torch.float32 if m % 2 else torch.bfloat16
+    x, wq, ws, x_scale, bias, (xq, xs), seed = fused_inputs(m, n, k, act, torch.bfloat16 if n % 2 else None)
+    out = torch.full((m, n), float("nan"), dtype=out_dtype, device="cuda")
+    mode = "fp8" if act.startswith("fp8") else act
+    result = kernels.fused_linear(x, wq, ws, mode, x_scale=x_scale, bias=bias, out_dtype=out_dtype, tiles=FUSED_TILES[tiles], out=out)
+    torch.cuda.synchronize()
+    assert result is out
+    assert not out.isnan().any(), f"unwritten (NaN-poisoned) elements remain, seed {seed}"
+    # The kernel quantizes x exactly as the quantize kernels do, so the reference is the float64 GEMM of
+    # their operands; Hopper's FP8 MMA accumulates with fewer bits than fp32 (2^-12 of the sum of |terms|).
+    ref, abs_sum = gemm_reference64(xq, wq, xs, ws, bias)
+    finfo = torch.finfo(out_dtype)
+    bound = 2**-12 * abs_sum + finfo.eps / 2 * ref.abs() + finfo.smallest_normal
+    err = (out.double() - ref).abs()
+    assert (err <= bound).all(), f"max excess {(err - bound).max().item()}, seed {seed}"
+    if FUSED_TILES[tiles].split_k > 1:
+        counters = kernels._fused_workspace[out.device][1]
+        assert not counters.any(), "split-K arrival counters not reset"
+
+
+@pytest.mark.parametrize("act", ["static", "tensor", "token"])
+@pytest.mark.parametrize("n, k", [(14336, 4096), (4096, 14336)], ids=str)
+@pytest.mark.parametrize("m", [1, 16])
+def test_fused_linear_error_vs_float64_equals_the_existing_paths(m, n, k, act):
+    # Against the exact product of the unquantized operands, the fused kernel's error is the existing
+    # path's (quantize kernel + `_scaled_mm`, the same FP8 values): the quantization error, not the GEMM.
+    x, wq, ws, x_scale, _, (xq, xs), seed = fused_inputs(m, n, k, act, None)
+    fused = kernels.fused_linear(x, wq, ws, act, x_scale=x_scale)
+    existing = scaling.fp8_matmul(xq, wq, xs, ws, out_dtype=torch.bfloat16)
+    exact = x.double() @ (wq.double() * ws.double().reshape(-1, 1)).t()
+    e_fused, e_existing = (fused.double() - exact).norm(), (existing.double() - exact).norm()
+    assert abs(e_fused / e_existing - 1) < 0.02, f"{e_fused.item():.5g} vs {e_existing.item():.5g}, seed {seed}"
+
+
+def _fused_table(monkeypatch, **tiles):
+    rule = skinny.Rule(max_m=16, tiles=kernels.FusedTiles(**tiles))
+    table = {(scheme, cls): rule for scheme in ("static", "tensor", "token") for cls in ("small", "square", "wide", "deep")}
+    monkeypatch.setattr(skinny, "TABLE", table)
+
+
+@pytest.mark.parametrize(
+    "config", [QuantConfig(activation="static"), QuantConfig(), QuantConfig(weight="channel", activation_granularity="token")],
+    ids=["static", "dynamic-tensor", "dynamic-token"],
+)
+def test_fp8linear_dispatch_to_the_fused_kernel_follows_the_table(config, monkeypatch):
+    linear = nn.Linear(1000, 1040).to(device="cuda", dtype=torch.bfloat16)
+    x_big, _ = fresh_input((40, 1000), torch.bfloat16)
+    input_scale = scaling.tensor_scale(x_big) if config.activation == "static" else None
+    plans, gemms = [], []
+    real_plan, real_mm = skinny.plan_for, torch._scaled_mm
+    monkeypatch.setattr(skinny, "plan_for", lambda *a, **k: plans.append(a[1]) or real_plan(*a, **k))
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: gemms.append(a[0].shape[0]) or real_mm(*a, **k))
+    fp8 = FP8Linear.from_linear(linear, config, input_scale)
+    # Empty table (the default until measured): the existing path.
+    monkeypatch.setattr(skinny, "TABLE", {})
+    x = x_big[:5]
+    expected = emulate(linear.float(), x.float(), config, input_scale)
+    out = fp8(x)
+    assert plans == [5] and gemms == [5]
+    _fused_table(monkeypatch, block_n=32, split_k=2)
+    fp8 = FP8Linear.from_linear(linear, config, input_scale)
+    plans.clear(), gemms.clear()
+    for _ in range(3):
+        out = fp8(x)
+    assert plans == [5] and gemms == []  # planned once, then cached; no `_scaled_mm`
+    tol = 2e-2
+    torch.testing.assert_close(out.double(), expected.double().cuda(), rtol=tol, atol=tol * expected.abs().max().item())
+    fp8(x_big)  # M = 40 > 16: the existing path
+    assert gemms == [40]
+    fp8(x_big[:16].reshape(2, 8, 1000))  # 3-D input of 16 rows: fused
+    assert plans == [5, 16] and gemms == [40]
+
+
+def test_fused_fp8linear_is_cuda_graph_capturable_and_deterministic(monkeypatch):
+    _fused_table(monkeypatch, block_n=32, split_k=4)
+    linear = nn.Linear(4096, 1040).to(device="cuda", dtype=torch.bfloat16)
+    fp8 = FP8Linear.from_linear(linear, QuantConfig(weight="channel", activation_granularity="token"))
+    static_x = fresh_input((8, 4096), torch.bfloat16)[0]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fp8(static_x)  # plan, workspace and compilation outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fp8(static_x)
+    for _ in range(3):
+        x, seed = fresh_input((8, 4096), torch.bfloat16)
+        static_x.copy_(x)
+        graph.replay()
+        assert torch.equal(out, fp8(x)), f"replay differs from eager (split-K must be deterministic), seed {seed}"
+
+
+def test_fused_fp8linear_under_torch_compile_takes_the_torch_path(monkeypatch):
+    _fused_table(monkeypatch)
+    torch._dynamo.reset()
+    linear = nn.Linear(4096, 1040).to(device="cuda", dtype=torch.bfloat16)
+    fp8 = FP8Linear.from_linear(linear, QuantConfig(weight="channel", activation_granularity="token"))
+    x = fresh_input((4, 4096), torch.bfloat16)[0]
+    eager = fp8(x)
+    compiled = torch.compile(fp8, fullgraph=True)(x)
+    torch.testing.assert_close(compiled.float(), eager.float(), rtol=2e-2, atol=2e-2 * eager.abs().max().item())
     torch._dynamo.reset()
