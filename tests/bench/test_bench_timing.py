@@ -1,13 +1,17 @@
-"""Host timing on CPU: warm-up excluded, run-count bounds, budget; CUDA-graph timing refuses the CPU."""
+"""Host timing on CPU: warm-up excluded, run-count bounds, budget; CUDA-graph timing refuses the CPU; the
+pytest-benchmark device clock against a fake device."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 
 from fp8kit.bench import TimingConfig, time_calls
-from fp8kit.bench.timing import time_cuda_graph
+from fp8kit.bench.timing import DeviceClock, time_cuda_graph
+
+pytest_plugins = ["pytester"]
 
 
 def test_warmup_calls_are_not_timed_and_rotation_is_round_robin():
@@ -45,3 +49,86 @@ def test_time_calls_needs_callables_and_graphs_need_cuda():
         time_calls([], "cpu")
     with pytest.raises(ValueError, match="CUDA"):
         time_cuda_graph([lambda: None], "cpu")
+
+
+class FakeDevice:
+    """A device clock the test advances by hand, and CUDA-event stand-ins that read it when recorded."""
+
+    def __init__(self, start_ms: float = 0.0):
+        self.now_ms = start_ms
+        self.synced = 0
+
+    def new_event(self):
+        device = self
+
+        class Event:
+            at_ms = None
+
+            def record(self):
+                self.at_ms = device.now_ms
+
+            def synchronize(self):
+                device.synced += 1
+
+            def elapsed_time(self, later):
+                return later.at_ms - self.at_ms
+
+        return Event()
+
+
+def test_device_clock_reads_device_time_per_call_not_host_time():
+    device = FakeDevice(start_ms=5e6)  # far from 0: a float32 difference there would lose microseconds
+    clock = DeviceClock(device.new_event)
+    clock.calls_per_round = 8
+    start = clock()
+    time.sleep(0.01)  # host time passes, the device's does not
+    device.now_ms += 0.160  # one round: 8 calls of 20 µs on the device
+    end = clock()
+    assert end - start == pytest.approx(20e-6, rel=1e-9)  # seconds per call
+    assert device.synced == 2  # each reading waits for its event
+    for _ in range(1000):  # many rounds later, still exact per interval
+        device.now_ms += 0.001
+        clock()
+    a = clock()
+    device.now_ms += 0.08
+    assert clock() - a == pytest.approx(10e-6, rel=1e-9)
+
+
+def test_device_clock_drives_pytest_benchmark(pytester):
+    # pytest-benchmark with the clock as its timer: the recorded round time is the (fake) device's.
+    pytester.makepyfile(
+        """
+        import pytest
+        from fp8kit.bench.timing import DeviceClock
+
+        class FakeDevice:
+            now_ms = 0.0
+
+        class Event:
+            def record(self):
+                self.at_ms = FakeDevice.now_ms
+
+            def synchronize(self):
+                pass
+
+            def elapsed_time(self, later):
+                return later.at_ms - self.at_ms
+
+        DEVICE = FakeDevice
+        CLOCK = DeviceClock(Event)
+
+        @pytest.mark.benchmark(timer=CLOCK)
+        def test_replay(benchmark):
+            CLOCK.calls_per_round = 4
+
+            def replay():  # one 'graph replay' of 4 calls of 25 us on the device
+                DEVICE.now_ms += 0.1
+
+            benchmark.pedantic(replay, rounds=7, iterations=1, warmup_rounds=1)
+        """
+    )
+    result = pytester.runpytest_inprocess("--benchmark-json=out.json", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    stats = json.loads((pytester.path / "out.json").read_text())["benchmarks"][0]["stats"]
+    assert stats["rounds"] == 7
+    assert stats["median"] == pytest.approx(25e-6, rel=1e-9) and stats["max"] == pytest.approx(25e-6, rel=1e-9)

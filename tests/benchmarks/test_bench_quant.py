@@ -2,6 +2,9 @@
 torch path vs a plain copy of the same activation, on an 8192 x 8192 bf16 activation and a decode
 size on GPU (small shapes on CPU). Bytes and bandwidth go into `extra_info` under the report's
 column names (`bytes_moved`, `gbps`), so the floor ratio can be computed against the copy row.
+On a GPU the time is the device's (`DeviceClock`, CUDA events; see test_bench_linear.py): the decode size
+is replayed from a CUDA graph of `GRAPH_CALLS` calls, the large size runs `EAGER_CALLS` back-to-back
+calls per round; `extra_info["timer"]` says which.
 """
 
 from __future__ import annotations
@@ -10,16 +13,15 @@ import pytest
 import torch
 
 from fp8kit.bench import get_backend, sqnr_db
+from fp8kit.bench.timing import DeviceClock, capture_cuda_graph, sync
 from fp8kit.core import scaling
 
 CUDA = torch.cuda.is_available()
+CLOCK = DeviceClock() if CUDA else None
+pytestmark = [pytest.mark.benchmark(timer=CLOCK)] if CUDA else []
+GRAPH_CALLS, EAGER_CALLS = 32, 10
 SIZES = [(8192, 8192), (16, 4096)] if CUDA else [(64, 1536), (1, 576)]
 BACKENDS = ["copy"] + [f"quant-{s}{impl}" for s in ("dynamic-token", "static-tensor", "dynamic-tensor") for impl in ("", "-torch")]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @pytest.mark.parametrize("backend_id", BACKENDS)
@@ -36,13 +38,31 @@ def test_quantize(benchmark, device, backend_id, m, k):
     fn = backend.build_quant(static_scale)
     with torch.no_grad():
         out = fn(x)
-    _sync(device)
+    sync(device)
     values = out if backend_id == "copy" else out[0].double() * out[1].double()  # (M, K) dequantized
 
-    def call() -> None:
-        with torch.no_grad():
-            fn(x)
-        _sync(device)  # the timed region ends when the GPU is done
+    if device.type == "cuda":
+        graph = m * k <= 1 << 20  # decode sizes: graph replay (launch overhead out)
+        calls = GRAPH_CALLS if graph else EAGER_CALLS
+        if graph:
+            with torch.no_grad():
+                call = capture_cuda_graph([lambda: fn(x)] * calls, device, warmup=2).replay
+            timer = f"device (CUDA events): one CUDA-graph replay of {calls} calls per round, time per call"
+        else:
+
+            def call() -> None:
+                with torch.no_grad():
+                    for _ in range(calls):
+                        fn(x)
+
+            timer = f"device (CUDA events): {calls} back-to-back eager calls per round, time per call"
+        CLOCK.calls_per_round = calls
+    else:
+        timer = "host (time.perf_counter): one call per round"
+
+        def call() -> None:
+            with torch.no_grad():
+                fn(x)
 
     moved = backend.quant_bytes(m, k, dtype)
     benchmark.group = f"quant {m}x{k}"
@@ -50,7 +70,7 @@ def test_quantize(benchmark, device, backend_id, m, k):
         {
             "workload": f"quant:{m}x{k}", "backend": backend.id, "dtype": backend.dtype_label(dtype), "M": m, "K": k,
             "bytes_moved": moved, "sqnr_db": sqnr_db(values, x.double()), "device": str(device), "target": "quant",
-            "impl": backend.impl(device),
+            "impl": backend.impl(device), "timer": timer,
         }
     )
     benchmark.pedantic(call, rounds=50 if CUDA else 10, iterations=1, warmup_rounds=5 if CUDA else 2)

@@ -596,8 +596,8 @@ def from_pytest_benchmark_json(source: str | Path | Mapping[str, Any]) -> pd.Dat
             row["tflops"] = flops / (row["latency_ms_median"] * 1e-3) / 1e12 if row["latency_ms_median"] else float("nan")
         rows.append(row)
     frame = make_frame(rows)
-    baseline = next((b for b in frame["backend"] if str(b).startswith("torch-")), None)
-    return add_speedup(frame, baseline)
+    baseline = next((b for b in frame["backend"] if str(b).startswith("torch-") and not str(b).endswith("-graph")), None)
+    return add_speedup(frame, baseline)  # "-graph" rows compare with the baseline's "-graph" row
 
 
 def _s_to_ms(value: Any) -> float:

@@ -17,7 +17,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["HOST_CLOCKS", "TimingConfig", "time_calls", "time_cuda_graph", "peak_memory_mb", "reset_peak_memory", "sync", "free_memory"]
+__all__ = [
+    "HOST_CLOCKS", "TimingConfig", "DeviceClock", "time_calls", "time_cuda_graph", "capture_cuda_graph",
+    "peak_memory_mb", "reset_peak_memory", "sync", "free_memory",
+]  # fmt: skip
 
 
 #: TimingConfig.clock -> what it reads (seconds), for host-timed (CPU) calls.
@@ -133,22 +136,7 @@ def time_cuda_graph(
     a serving engine that captures graphs sees); `time_calls` measures eager launches.
     """
     device = torch.device(device)
-    if device.type != "cuda":
-        raise ValueError(f"time_cuda_graph: CUDA graphs need a CUDA device, got {device}")
-    if not fns:
-        raise ValueError("time_cuda_graph: no callables given")
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):  # warm-up on a side stream, as graph capture requires
-        for _ in range(max(1, config.warmup)):
-            for fn in fns:
-                fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    torch.cuda.synchronize(device)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in fns:
-            fn()
+    graph = capture_cuda_graph(fns, device, config.warmup)
     for _ in range(3):
         graph.replay()
     torch.cuda.synchronize(device)
@@ -166,6 +154,63 @@ def time_cuda_graph(
     torch.cuda.synchronize(device)
     del graph
     return [begin.elapsed_time(end) / len(fns) for begin, end in events]
+
+
+def capture_cuda_graph(fns: Sequence[Callable[[], Any]], device: torch.device | str, warmup: int = 1) -> torch.cuda.CUDAGraph:
+    """One CUDA graph that calls every fn of `fns` once, in order, after `warmup` (>= 1) eager rounds on a
+    side stream (as capture requires: compilation, cuBLAS handles, allocator growth happen there)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"capture_cuda_graph: CUDA graphs need a CUDA device, got {device}")
+    if not fns:
+        raise ValueError("capture_cuda_graph: no callables given")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(max(1, warmup)):
+            for fn in fns:
+                fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    return graph
+
+
+class DeviceClock:
+    """A pytest-benchmark timer that reads the GPU's clock instead of the host's.
+
+    Use it as ``@pytest.mark.benchmark(timer=clock)``: pytest-benchmark calls the timer before and after
+    each round and records the difference. Each call records a CUDA event on the current stream and
+    waits for it, and returns the device time since the first call in seconds, divided by
+    `calls_per_round` (set it to the number of linear calls one round makes: one graph replay of N calls,
+    or N back-to-back eager calls), so a round's duration is device time per call. Launch gaps inside a
+    round are device idle time and count (an eager round whose host cannot keep up shows it); the
+    synchronize at each end does not. Sums are accumulated from event-to-event intervals in float64
+    (one interval at a time: `elapsed_time` over a long span would lose microseconds to float32).
+    `new_event` makes the events (tests pass a fake): anything with ``record()``, ``synchronize()`` and
+    ``elapsed_time(later) -> ms``.
+    """
+
+    def __init__(self, new_event: Callable[[], Any] | None = None) -> None:
+        self._new_event = new_event or (lambda: torch.cuda.Event(enable_timing=True))
+        self._last: Any = None
+        self._seconds = 0.0
+        self.calls_per_round = 1
+
+    def __call__(self) -> float:
+        event = self._new_event()
+        event.record()
+        event.synchronize()
+        if self._last is not None:
+            self._seconds += self._last.elapsed_time(event) / 1e3 / self.calls_per_round
+        self._last = event
+        return self._seconds
+
+    def __repr__(self) -> str:
+        return "DeviceClock(CUDA events; device seconds per call)"
 
 
 def reset_peak_memory(device: torch.device | str) -> None:
