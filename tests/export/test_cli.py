@@ -112,3 +112,23 @@ def test_python_dash_m_export_delegates(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fp8kit.export", "--help"], capture_output=True, text=True,
                           env=_env(), cwd=REPO, timeout=300)
     assert proc.returncode == 0 and "--batch-range" in proc.stdout and "--engine" in proc.stdout
+
+
+def test_cli_refuses_a_mixture_of_experts_model(tmp_path, tokenizer_dir, capsys):
+    import shutil
+
+    from tiny_models import make_tiny_moe
+
+    model_dir = tmp_path / "tiny-mixtral"
+    make_tiny_moe("mixtral").save_pretrained(model_dir)
+    for item in tokenizer_dir.iterdir():
+        shutil.copy(item, model_dir / item.name)
+    out = tmp_path / "moe.onnx"
+    assert main([str(model_dir), str(out), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"error: {model_dir}: MixtralForCausalLM is a mixture-of-experts model (2 experts modules, e.g. "
+        "model.layers.0.mlp.experts); FP8 ONNX export does not support MoE models"
+    ) in err
+    assert "python -m fp8kit.core MODEL OUT_DIR" in err and "Traceback" not in err
+    assert _only(tmp_path) == ["tiny-mixtral"]

@@ -249,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
         )
     bytes_after = model_bytes(model)
     save_quantized(model, args.out_dir, tokenizer, format=args.format, overwrite=args.overwrite)
-    _print_summary(report.quantized, report.skipped)
+    print(report.summary())
     if args.device_map is not None:  # where each FP8 layer computes (disk-offloaded layers run on their hook's device)
         per_device = device_summary(model, report.quantized)
         print("FP8 layers per device: " + ", ".join(f"{d} {n}" for d, n in sorted(per_device.items())))

@@ -13,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import CalibrationError
+from .experts import expert_input_amax
 from .offload import execution_device
 
 __all__ = ["CalibrationStats", "calibrate", "as_model_inputs"]
@@ -27,10 +28,13 @@ class CalibrationStats:
     """Absmax observed during calibration (fp32 0-dim tensors), over valid (unmasked) positions only.
 
     input_amax: qualified Linear name -> max over batches of the input's absmax.
+    expert_amax: fused experts module name -> projection -> (absmax fp32 [E], tokens int64 [E]):
+        each expert's input absmax and how many tokens it saw (0: never routed, absmax 0).
     key_amax / value_amax: attention `layer_idx` -> absmax of keys / values entering the KV cache.
     """
 
     input_amax: dict[str, torch.Tensor] = field(default_factory=dict)
+    expert_amax: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     key_amax: dict[int, torch.Tensor] = field(default_factory=dict)
     value_amax: dict[int, torch.Tensor] = field(default_factory=dict)
     batches: int = 0
@@ -111,12 +115,16 @@ def calibrate(
     calibration: Iterable[CalibrationBatch],
     *,
     kv_cache: bool = False,
+    experts: list[str] = (),
+    all_experts: bool = True,
 ) -> CalibrationStats:
     """Run `calibration` through the unquantized `model`, recording input absmax of `layer_names`.
 
     Padding excluded: positions where `attention_mask` is 0 do not count, so a right-padded batch
     gives the same statistics as its sequences one by one. With `kv_cache`, keys and values are
     observed as they enter a transformers cache (after RoPE), as vLLM applies its KV scales.
+    experts: fused MoE experts modules whose per-expert inputs to observe (`experts.expert_input_amax`);
+    with `all_experts` every expert sees every token (the model's outputs stay the routed ones).
     """
     stats = CalibrationStats()
     state: dict[str, torch.Tensor | None] = {"mask": None}
@@ -133,7 +141,23 @@ def calibrate(
 
         return hook
 
+    def make_experts_hook(name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden, top_k_index = (list(args) + list(kwargs.values()))[:2]  # (T, H), (T, k)
+            mask = state["mask"]
+            valid = mask.reshape(-1) if mask is not None and mask.numel() == hidden.shape[0] else None
+            store = stats.expert_amax.setdefault(name, {})
+            for proj, (amax, tokens) in expert_input_amax(module, hidden, top_k_index, valid, all_experts).items():
+                old_amax, old_tokens = store.get(proj, (torch.zeros_like(amax), torch.zeros_like(tokens)))
+                store[proj] = (torch.maximum(old_amax, amax), old_tokens + tokens)
+
+        return hook
+
+    missing = [name for name in experts if name not in modules]
+    if missing:
+        raise CalibrationError(f"calibrate: no experts modules named {missing}")
     handles = [modules[name].register_forward_pre_hook(make_hook(name)) for name in layer_names]
+    handles += [modules[n].register_forward_pre_hook(make_experts_hook(n), with_kwargs=True) for n in experts]
     device = execution_device(model)  # offloaded (accelerate) models: where their hooks run the forward
     was_training = model.training
     model.eval()
@@ -160,7 +184,7 @@ def calibrate(
         model.train(was_training)
     if stats.batches == 0:
         raise CalibrationError("calibration data is empty: give at least one batch of model inputs")
-    if layer_names and not stats.input_amax:
+    if (layer_names or experts) and not stats.input_amax and not stats.expert_amax:
         raise CalibrationError(
             f"calibration: none of the {len(layer_names)} layers saw an unmasked input position in {stats.batches} "
             "batch(es): is every position masked out (attention_mask all 0)?"

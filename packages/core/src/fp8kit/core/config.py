@@ -39,6 +39,11 @@ class QuantConfig:
         as "re:<pattern>" (matched with `re.fullmatch`).
     kv_cache: also calibrate per-layer static FP8 scales of the attention keys and values.
     use_fast_accum: `_scaled_mm`'s fast accumulation (faster on Hopper, slightly less accurate).
+    calibrate_all_experts: with static activations, every expert of a fused MoE experts module sees
+        every calibration token (only the routed outputs flow on, as llm-compressor's
+        `moe_calibrate_all_experts`), so each expert gets scales from the layer's real inputs.
+        False: each expert sees only the tokens routed to it (an expert that saw none takes the
+        largest scale of its layer's other experts: see `experts.static_input_scales`).
     """
 
     weight: WeightGranularity = "tensor"
@@ -49,6 +54,7 @@ class QuantConfig:
     use_fast_accum: bool = False
     block_size: tuple[int, int] = (128, 128)
     group_size: int = 128
+    calibrate_all_experts: bool = True
 
     def __post_init__(self) -> None:
         for name, choices in _CHOICES.items():

@@ -8,15 +8,35 @@ from torch import nn
 from . import scaling, skinny
 from .config import QuantConfig
 
-__all__ = ["FP8Linear"]
+__all__ = ["FP8Linear", "FixedDtypeBuffers"]
 
-# Buffers whose dtype never changes with `model.to(dtype)` / `.half()`: float8 counts as a
-# floating type, so without this guard `.half()` would turn the FP8 weight into fp16.
-_FIXED_DTYPE_BUFFERS = ("weight", "weight_scale", "input_scale")
 _MISSING = object()
 
 
-class FP8Linear(nn.Module):
+class FixedDtypeBuffers(nn.Module):
+    """A module whose buffers named in `fixed_dtype_buffers` keep their dtype under `.to(dtype)` / `.half()`.
+
+    float8 counts as a floating type, so without this guard `.half()` would turn FP8 weights into
+    fp16 (and fp32 scales into fp16). Device moves still apply.
+    """
+
+    fixed_dtype_buffers: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
+        kept = {name: self._buffers.pop(name) for name in self.fixed_dtype_buffers if name in self._buffers}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, tensor in kept.items():
+                if tensor is not None:
+                    # Learn the target device from a probe: `fn` may also change dtype, which we refuse.
+                    device = fn(torch.empty(0, device=tensor.device)).device
+                    tensor = tensor.to(device)
+                self._buffers[name] = tensor
+        return self
+
+
+class FP8Linear(FixedDtypeBuffers):
     """y = x @ W.T + b with W stored in FP8 E4M3 and x quantized to FP8 on the fly.
 
     Buffers:
@@ -28,6 +48,8 @@ class FP8Linear(nn.Module):
     Parameter:
         bias: [N] in the model's dtype, or None.
     """
+
+    fixed_dtype_buffers = ("weight", "weight_scale", "input_scale")
 
     def __init__(
         self,
@@ -154,17 +176,7 @@ class FP8Linear(nn.Module):
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
         self._skinny_plans.clear()  # a new device or bias dtype: plan again
-        kept = {name: self._buffers.pop(name) for name in _FIXED_DTYPE_BUFFERS if name in self._buffers}
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            for name, tensor in kept.items():
-                if tensor is not None:
-                    # Learn the target device from a probe: `fn` may also change dtype, which we refuse.
-                    device = fn(torch.empty(0, device=tensor.device)).device
-                    tensor = tensor.to(device)
-                self._buffers[name] = tensor
-        return self
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         act = f"{self.activation}-{self.activation_granularity}"

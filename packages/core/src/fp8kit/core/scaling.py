@@ -34,6 +34,8 @@ __all__ = [
     "fp8_block_matmul",
     "scaled_mm_unsupported_reason",
     "block_gemm_unsupported_reason",
+    "fp8_grouped_matmul",
+    "grouped_mm_unsupported_reason",
 ]
 
 logger = logging.getLogger(__name__)
@@ -371,11 +373,12 @@ def fp8_matmul(
         if out is not None:
             return out
     if rowwise:  # row-wise: scale_a [M,1], scale_b [1,N], both contiguous (no copy when already so)
+        # clone, not .contiguous(): an expanded [1, 1] counts as contiguous with stride 0, which _scaled_mm rejects
         if scale_a.shape != (m, 1) or not scale_a.is_contiguous():
-            scale_a = scale_a.expand(m, 1).contiguous()
+            scale_a = scale_a.expand(m, 1).clone(memory_format=torch.contiguous_format)
         scale_b = scale_b.reshape(1, -1)  # [N,1] -> [1,N] is a free view
         if scale_b.shape[1] != n or not scale_b.is_contiguous():
-            scale_b = scale_b.expand(1, n).contiguous()
+            scale_b = scale_b.expand(1, n).clone(memory_format=torch.contiguous_format)
     is_cuda = x_fp8.is_cuda
     gemm_dtype = out_dtype
     if is_cuda and rowwise and out_dtype == torch.float16:
@@ -547,4 +550,96 @@ def fp8_block_matmul(
             return _reference_block_matmul(x_fp8, weight_fp8, x_scale, weight_scale, block_size, bias, out_dtype)
     if bias is not None:
         out = (out.float() + bias.float()).to(out_dtype)
+    return out
+
+
+_grouped_reasons: dict[torch.device, str | None] = {}
+
+
+@torch.compiler.assume_constant_result  # a fact about the device: torch.compile evaluates it once
+def grouped_mm_unsupported_reason(device: torch.device) -> str | None:
+    """Why `torch._scaled_grouped_mm` cannot run on `device`, or None when it can (cached per device).
+
+    It runs FP8 with row-wise scales on compute capability 9.0 only (Hopper: H100 / H200); other
+    devices take `fp8_grouped_matmul`'s per-expert loop over `fp8_matmul`.
+    """
+    reason = _grouped_reasons.get(device, _UNKNOWN)
+    if reason is not _UNKNOWN:
+        return reason
+    if device.type != "cuda":
+        reason = f"torch._scaled_grouped_mm needs a CUDA device of compute capability 9.0, not {device.type!r}"
+    elif not hasattr(torch, "_scaled_grouped_mm"):
+        reason = f"torch {torch.__version__} has no torch._scaled_grouped_mm"
+    else:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        capability = torch.cuda.get_device_capability(index)
+        if capability != (9, 0):
+            name = torch.cuda.get_device_name(index)
+            reason = (
+                f"{name} has compute capability {capability[0]}.{capability[1]}; torch._scaled_grouped_mm "
+                "runs FP8 with row-wise scales on 9.0 only"
+            )
+    if device.type != "cuda" or device.index is not None:  # "cuda" alone follows the current device
+        _grouped_reasons[device] = reason
+    return reason
+
+
+def fp8_grouped_matmul(
+    x_fp8: torch.Tensor,
+    weight_fp8: torch.Tensor,
+    x_scale: torch.Tensor,
+    weight_scale: torch.Tensor,
+    offsets: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+    use_fast_accum: bool = False,
+) -> torch.Tensor:
+    """Row group g of x times expert g's weight: ``out[r] = (x_fp8[r] * x_scale[r]) @ (W[g] * s[g]).T``.
+
+    x_fp8: fp8 [S, K] row-major, rows sorted by expert; weight_fp8: fp8 [E, N, K] contiguous;
+    x_scale: fp32 [] (one for all rows) or [S, 1]; weight_scale: fp32 [E, N] (one per output row of
+    each expert; expand per-tensor scales); offsets: int32 [E], cumulative end row of each expert's
+    group (the last equals S). Returns [S, N] in `out_dtype`.
+
+    On compute capability 9.0: one `torch._scaled_grouped_mm` launch (its rules: row-wise fp32
+    scales, `W.transpose(-2, -1)` as the column-major B, K and N multiples of 16, bf16 output, which
+    is then cast to `out_dtype`); no host sync, so it is CUDA-graph capturable and traces under
+    `torch.compile`. Elsewhere: a loop over the experts of `fp8_matmul` (the `FP8Linear` dispatch),
+    with one logged warning; it reads the offsets on the host (a sync, not capturable).
+    """
+    s, n = x_fp8.shape[0], weight_fp8.shape[1]
+    if s == 0:
+        return torch.zeros(0, n, dtype=out_dtype, device=x_fp8.device)
+    reason = grouped_mm_unsupported_reason(x_fp8.device)
+    if reason is None:
+        scale_a = x_scale.reshape(-1)
+        if scale_a.shape[0] != s or not scale_a.is_contiguous():
+            scale_a = scale_a.expand(s).contiguous()  # (S,)
+        out = torch._scaled_grouped_mm(
+            x_fp8,
+            weight_fp8.transpose(-2, -1),  # (E, K, N) column-major view, no copy
+            scale_a,
+            weight_scale.contiguous(),  # (E, N)
+            offs=offsets,
+            out_dtype=torch.bfloat16,
+            use_fast_accum=use_fast_accum,
+        )  # (S, N) bf16
+        return out if out_dtype == torch.bfloat16 else out.to(out_dtype)
+    if not torch.compiler.is_compiling():
+        if reason not in _warned:
+            _warned.add(reason)
+            logger.warning("FP8 experts run as a per-expert loop of FP8 GEMMs: %s", reason)
+    out = torch.empty(s, n, dtype=out_dtype, device=x_fp8.device)
+    start = 0
+    for expert, end in enumerate(offsets.tolist()):  # one host sync for all experts
+        if end > start:
+            rows_scale = x_scale if x_scale.dim() == 0 else x_scale[start:end]
+            out[start:end] = fp8_matmul(
+                x_fp8[start:end],
+                weight_fp8[expert],
+                rows_scale,
+                weight_scale[expert].reshape(-1, 1),  # (N, 1)
+                out_dtype=out_dtype,
+                use_fast_accum=use_fast_accum,
+            )
+        start = end
     return out

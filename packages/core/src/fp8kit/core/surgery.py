@@ -1,8 +1,9 @@
-"""Model surgery: the one place that swaps `nn.Linear` for `FP8Linear`."""
+"""Model surgery: the one place that swaps `nn.Linear` for `FP8Linear` and fused MoE experts for `FP8Experts`."""
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -13,22 +14,118 @@ from tqdm.auto import tqdm
 from .calibration import CalibrationBatch, calibrate
 from .config import QuantConfig
 from .errors import CalibrationError, ConfigError, ModelLoadError
+from .experts import FP8Experts, canonical_weight, experts_layout, static_input_scales
 from .linear import FP8Linear
 from .offload import is_offloaded, materialized, module_device, reoffload_like
 from .scaling import amax_to_scale
 
-__all__ = ["QuantReport", "quantize", "select_linears", "attach_kv_scales"]
+__all__ = ["QuantReport", "quantize", "select_linears", "select_experts", "is_router", "attach_kv_scales"]
 
 logger = logging.getLogger(__name__)
+
+ROUTER_NAMES = ("gate", "router")  # the router of an MoE block: a sibling of its `experts`
+ROUTER_REASON = "MoE router gate (routing stays in high precision, as in vLLM and llm-compressor)"
+UNKNOWN_WARN_SHARE = 0.01  # a high-precision matrix of an unknown module type above this share of the parameters warns
 
 
 @dataclass
 class QuantReport:
-    """What `quantize` did: quantized layer names, and skipped layer names -> reason."""
+    """What `quantize` did.
+
+    quantized: names of the layers now in FP8 (`FP8Linear` and `FP8Experts` modules).
+    skipped: names of the linear / experts layers left in high precision -> reason.
+    kv_cache_layers: attention modules given static KV-cache scales.
+    high_precision: every weight matrix (parameter or buffer of 2 or more dims, biases and FP8
+        scales excepted) still in high precision after `quantize` -> reason: the skipped layers'
+        weights, embeddings, MoE router gates and matrices of module types fp8kit does not
+        quantize. Filled by `summarize`.
+    fp8_elements / matrix_elements, fp8_bytes / matrix_bytes: elements and bytes of the FP8 weight
+        matrices and of all weight matrices (FP8 included; tied tensors counted once).
+    """
 
     quantized: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     kv_cache_layers: list[str] = field(default_factory=list)
+    high_precision: dict[str, str] = field(default_factory=dict)
+    fp8_elements: int = 0
+    matrix_elements: int = 0
+    fp8_bytes: int = 0
+    matrix_bytes: int = 0
+
+    @property
+    def fp8_element_share(self) -> float:
+        """Share of the model's weight-matrix elements stored in FP8 (0 to 1)."""
+        return self.fp8_elements / self.matrix_elements if self.matrix_elements else 0.0
+
+    @property
+    def fp8_byte_share(self) -> float:
+        """Share of the model's weight-matrix bytes that are FP8 (0 to 1)."""
+        return self.fp8_bytes / self.matrix_bytes if self.matrix_bytes else 0.0
+
+    def summarize(self, model: nn.Module) -> None:
+        """Fill `high_precision` and the element / byte counts from `model` as it is now.
+
+        Warns (naming it) about every high-precision matrix of a module type fp8kit does not know
+        that holds more than 1% of the model's parameters: FP8 misses it silently otherwise.
+        """
+        self.high_precision, self.fp8_elements, self.matrix_elements, self.fp8_bytes, self.matrix_bytes = {}, 0, 0, 0, 0
+        total_params, seen, unknown = 0, set(), []
+        modules = dict(model.named_modules())
+        for module_name, module in modules.items():
+            for tensor_name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                key = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+                if key in seen or not tensor.is_floating_point():
+                    continue
+                seen.add(key)
+                total_params += tensor.numel()
+                fp8_module = isinstance(module, (FP8Linear, FP8Experts))
+                if tensor.dim() < 2 or tensor_name.endswith("bias") or (fp8_module and tensor.element_size() != 1):
+                    continue  # not a weight matrix: norms, biases, FP8 scales
+                size = tensor.numel() * tensor.element_size()
+                self.matrix_elements += tensor.numel()
+                self.matrix_bytes += size
+                if tensor.dtype == torch.float8_e4m3fn:
+                    self.fp8_elements += tensor.numel()
+                    self.fp8_bytes += size
+                    continue
+                full_name = f"{module_name}.{tensor_name}" if module_name else tensor_name
+                reason = self._hp_reason(module_name, module, modules)
+                self.high_precision[full_name] = reason
+                if reason.startswith("unsupported module type"):
+                    unknown.append((full_name, tensor.numel()))
+        for full_name, numel in unknown:
+            if numel > UNKNOWN_WARN_SHARE * total_params:
+                logger.warning(
+                    "%s (%d elements, %.1f%% of the parameters) stays in high precision: %s",
+                    full_name, numel, 100 * numel / total_params, self.high_precision[full_name],
+                )
+
+    def _hp_reason(self, name: str, module: nn.Module, modules: dict[str, nn.Module]) -> str:
+        if name in self.skipped:
+            return self.skipped[name]
+        if is_router(name, modules):
+            return ROUTER_REASON
+        if isinstance(module, nn.Embedding):
+            return "embedding (a table lookup, not a GEMM)"
+        return f"unsupported module type {type(module).__name__} (fp8kit quantizes nn.Linear and fused MoE experts)"
+
+    def summary(self) -> str:
+        """A human-readable summary: FP8 shares, then every high-precision matrix with its reason."""
+        lines = [
+            f"quantized {len(self.quantized)} layers; FP8 holds {100 * self.fp8_element_share:.1f}% of the weight-matrix "
+            f"elements ({self.fp8_elements:,} of {self.matrix_elements:,}) and {100 * self.fp8_byte_share:.1f}% of "
+            f"their bytes ({self.fp8_bytes / 2**20:.1f} of {self.matrix_bytes / 2**20:.1f} MiB)",
+            f"{len(self.high_precision)} weight matrices kept in high precision:",
+        ]
+        lines += [f"  {name}: {reason}" for name, reason in self.high_precision.items()]
+        return "\n".join(lines)
+
+
+def is_router(name: str, modules: dict[str, nn.Module]) -> bool:
+    """True for the router of an MoE block: a module named `gate` / `router` beside an `experts` module."""
+    parent, _, leaf = name.rpartition(".")
+    experts = f"{parent}.experts" if parent else "experts"
+    return leaf in ROUTER_NAMES and experts in modules
 
 
 def select_linears(
@@ -42,11 +139,14 @@ def select_linears(
     """
     targets: list[str] = []
     skipped: dict[str, str] = {}
-    for name, module in model.named_modules():
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
         if not isinstance(module, nn.Linear):
             continue
         n, k = module.out_features, module.in_features
-        if config.is_ignored(name):
+        if is_router(name, modules):
+            skipped[name] = ROUTER_REASON
+        elif config.is_ignored(name):
             skipped[name] = "ignored by config"
         elif k % 16 or n % 16:
             skipped[name] = f"K={k} or N={n} is not a multiple of 16 (torch._scaled_mm needs both)"
@@ -61,6 +161,53 @@ def select_linears(
         else:
             targets.append(name)
     return targets, skipped
+
+
+def select_experts(
+    model: nn.Module, config: QuantConfig, *, check_weights: bool = True
+) -> tuple[list[str], dict[str, str]]:
+    """Names of the fused MoE experts modules to quantize (`experts.experts_layout`), and the others with the reason.
+
+    The rules of `select_linears`, applied to both GEMMs of every expert (gate_up / up and down).
+    """
+    targets: list[str] = []
+    skipped: dict[str, str] = {}
+    for name, module in model.named_modules():
+        layout = experts_layout(module)
+        if layout is None:
+            continue
+        shapes = {proj: tuple(canonical_weight(module, layout, proj).shape) for proj in layout.projections}
+        odd = [f"{proj} [E, N, K] = {list(shape)}" for proj, shape in shapes.items() if shape[1] % 16 or shape[2] % 16]
+        if config.is_ignored(name):
+            skipped[name] = "ignored by config"
+        elif config.weight == "block" or config.activation_granularity == "group":
+            skipped[name] = "block-wise FP8 experts are not supported yet (use weight 'tensor' or 'channel')"
+        elif odd:
+            skipped[name] = f"K or N is not a multiple of 16 (FP8 GEMMs need both): {', '.join(odd)}"
+        elif not check_weights or is_offloaded(module):
+            targets.append(name)
+        else:
+            for proj in layout.projections:
+                weight = getattr(module, proj)
+                if weight.is_meta:
+                    raise ModelLoadError(f"layer {name}: {proj} is on the meta device (offloaded?); load it before quantizing")
+                if not torch.isfinite(weight).all():
+                    raise ModelLoadError(f"layer {name}: {proj} {tuple(weight.shape)} contains NaN or Inf")
+            targets.append(name)
+    return targets, skipped
+
+
+def _sibling_expert_scale(name: str, input_scales: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """For a linear of an expert list (`....experts.{e}.<proj>`) that saw no calibration token: the max
+    static input scale of the same projection of the other experts of that block (they read the same
+    hidden states, or the same kind of intermediate), or None when `name` is no such linear or none saw any."""
+    match = re.fullmatch(r"((?:.*\.)?experts)\.(\d+)\.(.+)", name)
+    if match is None:
+        return None
+    prefix, _, suffix = match.groups()
+    pattern = re.compile(rf"{re.escape(prefix)}\.\d+\.{re.escape(suffix)}")
+    siblings = [scale for other, scale in input_scales.items() if pattern.fullmatch(other)]
+    return torch.stack([s.reshape(()) for s in siblings]).max() if siblings else None
 
 
 def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
@@ -91,30 +238,51 @@ def quantize(
     """Quantize `model` in place to FP8 per `config` and return it.
 
     Every `nn.Linear` that is not ignored and whose K and N are multiples of 16 becomes an
-    `FP8Linear`, one layer at a time where its weight lives (no second copy of the model).
-    `calibration` (an iterable of input-id tensors or dicts of model inputs) is required for
-    static activation scales and for KV-cache scales. Sets `model.fp8kit_config` and
-    `model.fp8kit_report` (a `QuantReport`).
+    `FP8Linear`, and every fused MoE experts module (transformers 5's 3-D `gate_up_proj` /
+    `down_proj`, `experts.experts_layout`) an `FP8Experts`, one layer at a time where its weights
+    live (no second copy of the model). MoE router gates stay in high precision. `calibration`
+    (an iterable of input-id tensors or dicts of model inputs) is required for static activation
+    scales and for KV-cache scales. Sets `model.fp8kit_config` and `model.fp8kit_report` (a
+    `QuantReport`, whose `summary()` gives the FP8 share and every high-precision matrix).
     """
     config = QuantConfig() if config is None else config
     if not isinstance(config, QuantConfig):
         raise ConfigError(f"quantize: config must be a QuantConfig, got {type(config).__name__}")
     targets, skipped = select_linears(model, config)
+    expert_targets, expert_skipped = select_experts(model, config)
+    skipped.update(expert_skipped)
     needs_calibration = config.activation == "static" or config.kv_cache
     if needs_calibration and calibration is None:
         what = "activation='static'" if config.activation == "static" else "kv_cache=True"
         raise CalibrationError(f"quantize: {what} needs calibration data: pass calibration=[input_ids or dicts, ...]")
 
     input_scales: dict[str, torch.Tensor] = {}
+    expert_scales: dict[str, dict[str, torch.Tensor]] = {}
     report = QuantReport(skipped=skipped)
     if needs_calibration:
-        observed = targets if config.activation == "static" else []
-        stats = calibrate(model, observed, calibration, kv_cache=config.kv_cache)
+        static = config.activation == "static"
+        stats = calibrate(
+            model,
+            targets if static else [],
+            calibration,
+            kv_cache=config.kv_cache,
+            experts=expert_targets if static else [],
+            all_experts=config.calibrate_all_experts,
+        )
         input_scales = {name: amax_to_scale(amax) for name, amax in stats.input_amax.items()}
-        if config.activation == "static":
+        expert_scales = {
+            name: {proj: static_input_scales(amax, tokens, f"{name}.{proj}") for proj, (amax, tokens) in per_proj.items()}
+            for name, per_proj in stats.expert_amax.items()
+        }
+        if static:
             for name in [t for t in targets if t not in input_scales]:
-                targets.remove(name)
-                skipped[name] = "received no input during calibration, so it has no static scale"
+                sibling = _sibling_expert_scale(name, input_scales)
+                if sibling is not None:
+                    logger.info("%s saw no calibration token: static scale = max over its sibling experts", name)
+                    input_scales[name] = sibling
+                else:
+                    targets.remove(name)
+                    skipped[name] = "received no input during calibration, so it has no static scale"
         if config.kv_cache:
             report.kv_cache_layers = attach_kv_scales(
                 model,
@@ -123,16 +291,19 @@ def quantize(
             )
 
     modules = dict(model.named_modules())
-    spread = len({module_device(modules[name]) for name in targets}) > 1  # over GPUs / CPU / disk (accelerate)
-    bar = tqdm(targets, desc="Quantizing", unit="layer", disable=len(targets) < 8)
+    spread = len({module_device(modules[name]) for name in targets + expert_targets}) > 1  # over GPUs / CPU / disk
+    bar = tqdm(targets + expert_targets, desc="Quantizing", unit="layer", disable=len(targets) < 8)
     for name in bar:
         old = modules.pop(name)
         if spread:
             bar.set_postfix_str(module_device(old), refresh=False)
         with materialized(old) as hook:  # offloaded (accelerate): real weights on the execution device meanwhile
-            if hook is not None and not torch.isfinite(old.weight).all():
-                raise ModelLoadError(f"layer {name}: weight {tuple(old.weight.shape)} contains NaN or Inf")
-            new = FP8Linear.from_linear(old, config, input_scales.get(name))
+            if name in expert_targets:
+                new = FP8Experts.from_experts(old, config, expert_scales.get(name))
+            else:
+                if hook is not None and not torch.isfinite(old.weight).all():
+                    raise ModelLoadError(f"layer {name}: weight {tuple(old.weight.shape)} contains NaN or Inf")
+                new = FP8Linear.from_linear(old, config, input_scales.get(name))
         if hook is not None:
             reoffload_like(new, hook)  # the FP8 tensors go back to the offload map (CPU), not the GPU
         _replace(model, old, new)
@@ -142,6 +313,7 @@ def quantize(
         logger.info("kept %s in high precision: %s", name, reason)
     if not report.quantized:
         logger.warning("quantize: no layer was quantized (%d skipped)", len(skipped))
+    report.summarize(model)
     model.fp8kit_config = config
     model.fp8kit_report = report
     return model

@@ -107,6 +107,7 @@ def _validation_sequences(tokenizer: Any, texts: list[str], count: int, max_len:
 def run(args: argparse.Namespace) -> int:
     from fp8kit.core import QuantConfig, quantize
     from fp8kit.core.data import calibration_batches, default_texts, read_text_file
+    from fp8kit.core.experts import moe_experts_modules
     from fp8kit.core.models import load_model
 
     from .check import check_onnx
@@ -122,6 +123,14 @@ def run(args: argparse.Namespace) -> int:
     logger.info("loading %s", args.model)
     model, tokenizer = load_model(args.model, dtype=torch.float32, trust_remote_code=args.trust_remote_code)
     logger.info("loaded %s", type(model).__name__)
+    moe = moe_experts_modules(model)
+    if moe:
+        raise ExportError(
+            f"{args.model}: {type(model).__name__} is a mixture-of-experts model ({len(moe)} experts modules, "
+            f"e.g. {moe[0]}); FP8 ONNX export does not support MoE models (routed experts have no static FP8 Q/DQ "
+            "graph here, and a graph with only its attention in FP8 would be half-quantized). Serve its FP8 "
+            "checkpoint instead: python -m fp8kit.core MODEL OUT_DIR, then vLLM / SGLang"
+        )
     if tokenizer is None:
         raise ExportError(f"model {args.model}: no tokenizer found, so it cannot be calibrated or validated on text")
     calibration = calibration_batches(tokenizer, texts, args.num_samples, args.seq_len)
