@@ -111,3 +111,8 @@ def make_tiny_moe(kind: str, seed: int = 0, **overrides):
                 if name.endswith("_bias"):
                     p.normal_(0, 0.02)
     return model
+
+
+def moe_layers(model):
+    """The MoE blocks (`mlp` modules with `experts`) of a tiny MoE causal LM, first to last."""
+    return [layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "experts")]

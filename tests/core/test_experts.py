@@ -19,16 +19,14 @@ from fp8kit.core.analysis import layer_errors
 from fp8kit.core.experts import (
     UNSEEN_FALLBACK_SCALE,
     FP8Experts,
-    canonical_weight,
     expert_input_amax,
     experts_layout,
-    gate_function,
     quantize_expert_weight,
     static_input_scales,
 )
-from fp8kit.core.scaling import dequantize, quantize as quantize_to_fp8, rowwise_scale, tensor_scale
 
-from tiny_models import MOE_KINDS, make_tiny_llama, make_tiny_moe
+from fp8_reference import emulate_expert, reference_expert
+from tiny_models import MOE_KINDS, make_tiny_llama, make_tiny_moe, moe_layers
 
 SCHEMES = {
     "dynamic-tensor/w-tensor": QuantConfig(),
@@ -38,54 +36,8 @@ SCHEMES = {
 ROUTER = {"mixtral": "gate", "qwen3_moe": "gate", "deepseek_v3": "gate", "gpt_oss": "router"}
 
 
-def moe_layers(model):
-    return [layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "experts")]
-
-
 def ids(batch=2, length=32, seed=1):
     return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def emulate_expert(module, e, x, config, input_scales=None):
-    """float64 emulation of expert e of the high-precision experts `module` on x [R, H], as FP8Experts
-    quantizes it: weights per part (gate / up) or per row, activations per `config`."""
-    layout = experts_layout(module)
-    gate = gate_function(module) if layout.up == "gate_up_proj" else None
-
-    def fp8_weight(w, parts):
-        w = w.double()
-        if config.weight == "channel":
-            s = rowwise_scale(w)
-        else:
-            rows = w.shape[0] // parts
-            s = torch.cat([tensor_scale(w[p * rows : (p + 1) * rows]).expand(rows, 1) for p in range(parts)])
-        return dequantize(quantize_to_fp8(w, s), s, torch.float64)
-
-    def fp8_input(v, proj):
-        if input_scales is not None:
-            s = input_scales[proj][e]
-        else:
-            s = rowwise_scale(v) if config.activation_granularity == "token" else tensor_scale(v)
-        return dequantize(quantize_to_fp8(v, s), s, torch.float64)
-
-    def bias(proj):
-        return getattr(module, f"{proj}_bias")[e].double() if layout.has_bias else 0.0
-
-    up = canonical_weight(module, layout, layout.up)[e]
-    down = canonical_weight(module, layout, "down_proj")[e]
-    h = fp8_input(x.double(), layout.up) @ fp8_weight(up, layout.up_parts).T + bias(layout.up)
-    h = gate(module, h) if gate is not None else module.act_fn(h)
-    return fp8_input(h, "down_proj") @ fp8_weight(down, 1).T + bias("down_proj")
-
-
-def reference_expert(module, e, x):
-    """The unquantized expert e in float64."""
-    layout = experts_layout(module)
-    up = canonical_weight(module, layout, layout.up)[e].double()
-    down = canonical_weight(module, layout, "down_proj")[e].double()
-    h = x.double() @ up.T + (getattr(module, f"{layout.up}_bias")[e].double() if layout.has_bias else 0.0)
-    h = gate_function(module)(module, h) if layout.up == "gate_up_proj" else module.act_fn(h)
-    return h @ down.T + (module.down_proj_bias[e].double() if layout.has_bias else 0.0)
 
 
 def rel(a, b):

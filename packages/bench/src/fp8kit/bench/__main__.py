@@ -10,7 +10,8 @@ in under 2 minutes.
     python -m fp8kit.bench --suite h100-speed --out docs/benchmarks/h100
 
 ``--targets quant,prefill,decode`` keeps only some of a suite's parts; ``--suite cpu-speed`` is the
-same structure on tiny shapes for a CPU.
+same structure on tiny shapes for a CPU. ``--suite moe`` times an MoE block (Mixtral-8x7B and
+Qwen3-30B-A3B shapes), FP8 experts vs transformers' bf16 grouped_mm (`moe_speed`).
 """
 
 from __future__ import annotations
@@ -67,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--suite",
         default=None,
-        help=f"run a named suite ({', '.join(SUITES)}) instead of --shapes/--m/--backends/--model; "
-        "files are named after the suite",
+        help=f"run a named suite ({', '.join(SUITES)}, moe) instead of --shapes/--m/--backends/--model; "
+        "files are named after the suite (moe: an MoE block, FP8 experts vs bf16 grouped_mm)",
     )
     parser.add_argument(
         "--targets", default=None, help=f"with --suite: only these parts ({', '.join(TARGETS)}), comma-separated"
@@ -159,6 +160,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     _pin_threads(args.threads, device)
     args.clock = clock = args.clock or ("cpu" if torch.get_num_threads() == 1 else "wall")
     env = environment_info(clock)
+    if args.suite == "moe":  # MoE block speed (fp8kit.bench.moe_speed): its own workloads and report
+        from .moe_speed import run_cli as _run_moe_speed
+
+        try:
+            _device(args.device)
+            given = argv if argv is not None else sys.argv[1:]
+            return _run_moe_speed(args, "python -m fp8kit.bench " + " ".join(shlex.quote(a) for a in given))
+        except (ConfigError, ValueError) as exc:
+            parser.error(str(exc))
     if args.models:  # whole-model speed (fp8kit.bench.model_speed): its own workloads and report
         from .model_speed import run_cli as _run_model_speed
 
