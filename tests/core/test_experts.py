@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fp8kit.core import FP8Linear, QuantConfig, quantize, scaling
+from fp8kit.core import FP8Linear, QuantConfig, kernels, quantize, scaling
+from fp8kit.core import experts as experts_module
 from fp8kit.core.analysis import layer_errors
 from fp8kit.core.experts import (
     UNSEEN_FALLBACK_SCALE,
@@ -414,3 +415,92 @@ def test_layer_errors_cover_each_expert(kind):
     assert len(expert_entries) >= len(experts) * 2 * (count // 2)  # top-2 routing of 32 tokens reaches most experts
     for e in errors:
         assert 15 < e.total_db < 45 and e.total_db <= min(e.weight_only_db, e.activation_only_db) + 1, e
+
+
+# --------------------------------------------------------------------------- fused gate kernel
+
+
+def _silu_mul_reference(gate_up):
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up  # in gate_up's dtype, as the unfused experts compute it
+
+
+@pytest.mark.parametrize(("kind", "scheme", "fused"), [
+    ("mixtral", "dynamic-token/w-channel", True), ("qwen3_moe", "dynamic-token/w-channel", True),
+    ("gpt_oss", "dynamic-token/w-channel", False), ("mixtral", "dynamic-tensor/w-tensor", False),
+])  # fmt: skip
+def test_fused_gate_kernel_is_used_only_for_silu_concat_gates_with_per_token_scales(kind, scheme, fused, monkeypatch):
+    torch.manual_seed(0)
+    module = moe_layers(make_tiny_moe(kind))[0].experts
+    fp8 = FP8Experts.from_experts(module, SCHEMES[scheme])
+    x, top_k, weights = torch.randn(12, 64), torch.randint(0, module.down_proj.shape[0], (12, 2)), torch.rand(12, 2)
+    unfused = fp8(x, top_k, weights)
+    calls = []
+
+    def fake_kernel(gate_up):  # the kernel's contract, in torch ops: quantize_per_token(silu(gate) * up)
+        calls.append(tuple(gate_up.shape))
+        return scaling.quantize_activation(_silu_mul_reference(gate_up), "token")
+
+    monkeypatch.setattr(experts_module, "fused_gate_unavailable_reason", lambda device: None)
+    monkeypatch.setattr(kernels, "silu_mul_quantize_per_token", fake_kernel)
+    out = fp8(x, top_k, weights)
+    assert calls == ([(24, 64)] if fused else [])
+    assert torch.equal(out, unfused)
+
+
+CHILD_SILU = """
+import sys, torch
+from safetensors.torch import load_file, save_file
+from fp8kit.core import kernels
+inputs = load_file(sys.argv[1])
+outputs = {}
+for name, x in inputs.items():
+    q, scale = kernels.silu_mul_quantize_per_token(x, out_dtype=torch.float32)
+    outputs[name + ".q"], outputs[name + ".scale"] = q, scale
+kernels._MAX_ONE_PASS_K, kernels._LOOP_BLOCK_K = 16, 16  # the two-pass (long row) branch
+for name, x in inputs.items():
+    q, scale = kernels.silu_mul_quantize_per_token(x, out_dtype=torch.float32)
+    outputs[name + ".two_pass.q"], outputs[name + ".two_pass.scale"] = q, scale
+save_file(outputs, sys.argv[2])
+"""
+
+
+def test_silu_mul_quantize_kernel_matches_torch_under_the_interpreter(tmp_path):
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed; the interpreter test needs it")
+    g = torch.Generator().manual_seed(3)
+    inputs = {
+        f"{dtype}-{m}x{n}": (torch.randn(m, 2 * n, generator=g) * torch.exp2(torch.randint(-6, 6, (m, 1), generator=g).float())).to(dtype)
+        for dtype in (torch.bfloat16, torch.float32)
+        for m, n in ((5, 48), (3, 100), (1, 32))
+    }
+    save_file(inputs, tmp_path / "in.safetensors")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD_SILU, tmp_path / "in.safetensors", tmp_path / "out.safetensors"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = load_file(tmp_path / "out.safetensors")
+    for name, x in inputs.items():
+        gate, up = x.float().chunk(2, dim=-1)
+        # The kernel's formula: silu = g / (1 + exp(-g)) in fp32 rounded to x's dtype, times up, rounded.
+        h = ((gate / (1 + torch.exp(-gate))).to(x.dtype).float() * up).to(x.dtype)  # (M, N)
+        scale = scaling.rowwise_scale(h)
+        # fp32: exact but for exp's last bits. bf16: the interpreter truncates fp32 -> bf16 casts (the
+        # GPU rounds to nearest; tests/core/test_experts_cuda.py checks that), so up to 2 ulps there.
+        ulp = 2 * 2**-7 if x.dtype == torch.bfloat16 else 2**-22
+        for variant in ("", ".two_pass"):
+            torch.testing.assert_close(out[name + variant + ".scale"], scale, rtol=ulp, atol=0)
+            expected = (h.float() / scale).clamp(-448, 448)
+            torch.testing.assert_close(out[name + variant + ".q"], expected, rtol=2 * ulp, atol=ulp)
+        # ... and torch's F.silu(gate) * up (what the unfused experts compute) within a few ulps.
+        unfused = _silu_mul_reference(x)
+        torch.testing.assert_close(out[name + ".scale"], scaling.rowwise_scale(unfused), rtol=4 * ulp, atol=0)

@@ -133,3 +133,31 @@ def test_tiny_moe_model_on_cuda_in_bf16(kind, grouped_calls):
     assert ((out - reference).norm() / reference.norm()).item() < 0.15
     if HOPPER:
         assert grouped_calls
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_fused_gate_kernel_matches_the_unfused_gate(kind, monkeypatch, grouped_calls):
+    from fp8kit.core import experts as experts_module
+    from fp8kit.core import kernels
+
+    config = SCHEMES["dynamic-token/w-channel"]
+    module, _ = _experts(kind, config)
+    fp8 = FP8Experts.from_experts(module, config).cuda().to(torch.bfloat16)
+    e = module.down_proj.shape[0]
+    x = torch.randn(300, 128, device="cuda", dtype=torch.bfloat16)
+    top_k, weights = torch.randint(0, e, (300, 2), device="cuda"), torch.rand(300, 2, device="cuda")
+    calls = []
+    real = kernels.silu_mul_quantize_per_token
+    monkeypatch.setattr(kernels, "silu_mul_quantize_per_token", lambda h: calls.append(h.shape) or real(h))
+    fused = fp8(x, top_k, weights)
+    assert calls == [(600, 128)]
+    monkeypatch.setattr(experts_module, "fused_gate_unavailable_reason", lambda device: "off for this test")
+    unfused = fp8(x, top_k, weights)
+    # Same math; Triton's exp vs torch's may move a bf16 rounding, then an FP8 rounding, by one step.
+    assert ((fused.float() - unfused.float()).norm() / unfused.float().norm()).item() < 2e-3
+    h = torch.randn(64, 2 * 14336, device="cuda", dtype=torch.bfloat16)  # Mixtral's I: the one-pass branch
+    q, scale = real(h)
+    gate, up = h.chunk(2, dim=-1)
+    ref_q, ref_scale = scaling.quantize_activation(torch.nn.functional.silu(gate) * up, "token")
+    torch.testing.assert_close(scale, ref_scale, rtol=2**-7, atol=0)
+    assert (q.float() != ref_q.float()).float().mean().item() < 0.01  # a few one-step FP8 rounding flips

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import scaling
+from . import kernels, scaling
 from .config import QuantConfig
 from .linear import FixedDtypeBuffers
 
@@ -145,6 +145,19 @@ def gate_function(module: nn.Module) -> Any:
     return getattr(type(module), "_apply_gate", _default_gate)
 
 
+def is_silu_concat_gate(module: nn.Module) -> bool:
+    """True when `module` gates with transformers' default ``silu(gate) * up`` over concatenated
+    gate / up columns (Mixtral, Qwen-MoE, DeepSeek, ...): `kernels.silu_mul_quantize_per_token` fuses it."""
+    default = getattr(gate_function(module), "__name__", "") in ("_default_apply_gate", "_default_gate")
+    concatenated = bool(getattr(module, "is_concatenated", True)) and getattr(module, "has_gate", True)
+    return default and concatenated and type(getattr(module, "act_fn", None)).__name__ in ("SiLUActivation", "SiLU")
+
+
+def fused_gate_unavailable_reason(device: torch.device) -> str | None:
+    """Why the fused gate + per-token quantize kernel cannot run on `device` (the Triton kernels' reason)."""
+    return kernels.unavailable_reason(device)
+
+
 class FP8Experts(FixedDtypeBuffers):
     """Fused MoE experts with FP8 E4M3 weights; the same function as the module it was made from.
 
@@ -193,7 +206,8 @@ class FP8Experts(FixedDtypeBuffers):
         self.activation = activation
         self.activation_granularity = activation_granularity
         self.use_fast_accum = use_fast_accum
-        self.gate_fn: Any = None  # function(module, gate_up) for gated experts (set by from_experts)
+        self.gate_fn: Any = None  # function(module, gate_up) for gated experts (set by `like`)
+        self.silu_concat_gate = False  # the gate is silu(gate) * up, concatenated (set by `like`)
         up_rows = 2 * intermediate_size if self.has_gate else intermediate_size
         shapes = {up: (up_rows, hidden_size, up_parts), DOWN: (hidden_size, intermediate_size, 1)}
         fixed = []
@@ -247,6 +261,7 @@ class FP8Experts(FixedDtypeBuffers):
             new.add_module(name, child)  # act_fn, post_expert_norm
         if new.has_gate:
             new.gate_fn = gate_function(module)
+        new.silu_concat_gate = is_silu_concat_gate(module)
         return new
 
     @classmethod
@@ -291,10 +306,14 @@ class FP8Experts(FixedDtypeBuffers):
         token: torch.Tensor | None,
         expert_ids: torch.Tensor,
         offsets: torch.Tensor,
+        quantized: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Rows [S, N] of `projection` for the sorted rows (x[token] if `token` is given, else x)."""
+        """Rows [S, N] of `projection` for the sorted rows (x[token] if `token` is given, else x);
+        `quantized`: x already quantized, (fp8 rows, scale)."""
         input_scale = getattr(self, f"{projection}_input_scale")
-        if input_scale is not None:  # static: each row quantized with its expert's scale
+        if quantized is not None:
+            x_fp8, x_scale = quantized
+        elif input_scale is not None:  # static: each row quantized with its expert's scale
             rows = x if token is None else x[token]  # (S, K)
             x_scale = input_scale[expert_ids].unsqueeze(-1)  # (S, 1)
             x_fp8 = scaling.quantize(rows, x_scale)
@@ -323,13 +342,27 @@ class FP8Experts(FixedDtypeBuffers):
         bounds = torch.arange(self.num_experts, device=expert_ids.device, dtype=expert_ids.dtype)
         offsets = torch.searchsorted(expert_ids, bounds, right=True, out_int32=True)  # (E,) group ends
         h = self._project(self.up, x, token, expert_ids, offsets)  # (S, 2I) or (S, I)
-        h = self.gate_fn(self, h) if self.gate_fn is not None else self.act_fn(h)  # (S, I)
-        out = self._project(DOWN, h, None, expert_ids, offsets)  # (S, H)
+        if self._fuse_gate(h):  # silu(gate) * up and its per-token quantization in one kernel
+            h_fp8, h_scale = kernels.silu_mul_quantize_per_token(h)  # (S, I) fp8, (S, 1)
+            out = self._project(DOWN, h[:, : self.intermediate_size], None, expert_ids, offsets, (h_fp8, h_scale))
+        else:
+            h = self.gate_fn(self, h) if self.gate_fn is not None else self.act_fn(h)  # (S, I)
+            out = self._project(DOWN, h, None, expert_ids, offsets)  # (S, H)
         if self.has_post_expert_norm:
             out = self.post_expert_norm(out)
         out = out * top_k_weights.reshape(-1)[perm].unsqueeze(-1)  # (S, H)
         unsorted = out.new_empty(out.shape).index_copy_(0, perm, out)  # (S, H) in (token, k) order
         return unsorted.view(-1, top_k, self.hidden_size).sum(dim=1).to(hidden_states.dtype).reshape(hidden_states.shape)
+
+    def _fuse_gate(self, h: torch.Tensor) -> bool:
+        """Run the gate fused with the down projection's per-token quantization (CUDA, eager)."""
+        return (
+            self.silu_concat_gate
+            and self.down_proj_input_scale is None
+            and self.activation_granularity == "token"
+            and not torch.compiler.is_compiling()
+            and fused_gate_unavailable_reason(h.device) is None
+        )
 
     def extra_repr(self) -> str:
         act = f"{self.activation}-{self.activation_granularity}"

@@ -30,6 +30,7 @@ from types import SimpleNamespace
 import torch
 
 __all__ = [
+    "silu_mul_quantize_per_token",
     "unavailable_reason",
     "quantize_per_token",
     "quantize_per_group",
@@ -62,7 +63,7 @@ _EPILOGUE_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 triton = None  # bound by _build(), with tl and the @triton.jit helpers below
 tl = None
-_abs_bits = _scale_from_bits = _quantize = _to_fp8_grid = _fused_epilogue = None
+_abs_bits = _scale_from_bits = _quantize = _silu_mul = _to_fp8_grid = _fused_epilogue = None
 
 # Host-side caches (plain dicts, not functools caches: cheaper per call, and nothing here is
 # reached under torch.compile, where `scaling` dispatches to the torch reference ops instead).
@@ -135,7 +136,7 @@ def _build() -> SimpleNamespace:
 
 def _define_kernels() -> None:
     # Names the kernels call must be module globals: Triton resolves them there, not in closures.
-    global triton, tl, _abs_bits, _scale_from_bits, _quantize, _kernels
+    global triton, tl, _abs_bits, _scale_from_bits, _quantize, _silu_mul, _kernels
     import triton
     import triton.language as tl
 
@@ -289,8 +290,51 @@ def _define_kernels() -> None:
             out = out + tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _silu_mul(g, u, DTYPE: tl.constexpr):
+        # silu(gate) * up as torch computes it in DTYPE: silu in fp32 rounded to DTYPE, then the
+        # product in fp32 rounded to DTYPE (no-ops for fp32); returned in fp32.
+        act = (g / (1.0 + tl.exp(-g))).to(DTYPE).to(tl.float32)
+        return (act * u).to(DTYPE).to(tl.float32)
+
+    @triton.jit
+    def silu_mul_per_token_kernel(
+        x_ptr, q_ptr, s_ptr, M, N,
+        FLOOR_BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr,
+    ):  # fmt: skip
+        # x: (M, 2N) = [gate | up]; q: (M, N) = quantize(silu(gate) * up), one scale per row.
+        dtype = x_ptr.dtype.element_ty
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+        row_mask = rows < M
+        in_off = rows.to(tl.int64)[:, None] * (2 * N)  # (BLOCK_M, 1)
+        out_off = rows.to(tl.int64)[:, None] * N
+        cols = tl.arange(0, BLOCK_K)[None, :]  # (1, BLOCK_K)
+        if ONE_PASS:  # the whole row in registers: gate / up read once
+            mask = row_mask[:, None] & (cols < N)
+            g = tl.load(x_ptr + in_off + cols, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(x_ptr + in_off + N + cols, mask=mask, other=0.0).to(tl.float32)
+            h = _silu_mul(g, u, dtype)
+            scale = _scale_from_bits(tl.max(_abs_bits(h), axis=1), FLOOR_BITS)  # (BLOCK_M,)
+            tl.store(q_ptr + out_off + cols, _quantize(h, scale[:, None]).to(q_ptr.dtype.element_ty), mask=mask)
+        else:  # long rows: amax pass, then recompute and quantize
+            acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int32)
+            for k0 in range(0, N, BLOCK_K):
+                mask = row_mask[:, None] & (cols + k0 < N)
+                g = tl.load(x_ptr + in_off + k0 + cols, mask=mask, other=0.0).to(tl.float32)
+                u = tl.load(x_ptr + in_off + N + k0 + cols, mask=mask, other=0.0).to(tl.float32)
+                acc = tl.maximum(acc, _abs_bits(_silu_mul(g, u, dtype)))
+            scale = _scale_from_bits(tl.max(acc, axis=1), FLOOR_BITS)
+            for k0 in range(0, N, BLOCK_K):
+                mask = row_mask[:, None] & (cols + k0 < N)
+                g = tl.load(x_ptr + in_off + k0 + cols, mask=mask, other=0.0).to(tl.float32)
+                u = tl.load(x_ptr + in_off + N + k0 + cols, mask=mask, other=0.0).to(tl.float32)
+                q = _quantize(_silu_mul(g, u, dtype), scale[:, None])
+                tl.store(q_ptr + out_off + k0 + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(s_ptr + rows, scale, mask=row_mask)
+
     _bind_driver()
     _kernels = SimpleNamespace(
+        silu_mul_per_token=silu_mul_per_token_kernel,
         fused_linear=_define_fused_linear(),
         scale_epilogue=scale_epilogue_kernel,
         per_token=per_token_kernel,
@@ -447,6 +491,38 @@ def quantize_per_token(
     _launch(
         _build().per_token, programs, (x, out, scale, m, k), (_FLOOR_BITS, block_m, block_k, one_pass),
         _warps(block_m * block_k, programs, device), device,
+    )  # fmt: skip
+    return out, scale
+
+
+def silu_mul_quantize_per_token(
+    gate_up: torch.Tensor, *, out_dtype: torch.dtype = _FP8_DTYPE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``silu(gate) * up`` quantized per token in one launch (the gate of SiLU-gated MoE experts).
+
+    gate_up: [M, 2N] bf16 / fp16 / fp32, gate columns then up columns (transformers' concatenated
+    layout). Returns (q fp8 [M, N], scale fp32 [M, 1]): `quantize_per_token` of ``silu(gate) * up``
+    computed as torch does in gate_up's dtype (silu rounded to it, then the product rounded to it),
+    without writing that product to memory. Same values as the unfused ops up to the last bit of
+    `exp` (Triton's vs torch's), hence not guaranteed bit-identical.
+    """
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2:
+        raise ValueError(f"silu_mul_quantize_per_token: expected [M, 2N], got shape {tuple(gate_up.shape)}")
+    if gate_up.dtype not in _INPUT_DTYPES or out_dtype not in _OUT_DTYPES:
+        raise ValueError(f"silu_mul_quantize_per_token: unsupported dtypes {gate_up.dtype} -> {out_dtype}")
+    m, n = gate_up.shape[0], gate_up.shape[1] // 2
+    x = gate_up.contiguous()  # no copy when already contiguous
+    out = torch.empty(m, n, dtype=out_dtype, device=x.device)
+    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    if m == 0:
+        return out, scale
+    one_pass = n <= _MAX_ONE_PASS_K
+    block_k = max(16, _next_pow2(n)) if one_pass else _LOOP_BLOCK_K
+    block_m = min(_next_pow2(m), max(1, 4096 // block_k))
+    programs = _cdiv(m, block_m)
+    _launch(
+        _build().silu_mul_per_token, programs, (x, out, scale, m, n), (_FLOOR_BITS, block_m, block_k, one_pass),
+        _warps(2 * block_m * block_k, programs, x.device), x.device,
     )  # fmt: skip
     return out, scale
 
