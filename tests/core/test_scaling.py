@@ -276,3 +276,24 @@ def test_quantize_weight_block_and_activation_group():
     assert xs.shape == (9, 2) and xs.stride() == (1, 9)  # column-major: torch's block-wise GEMM layout
     assert torch.equal(xs, scaling.block_scale(x, (1, 128)))
     assert torch.equal(xq.view(torch.uint8), quantize(x, xs, block=(1, 128)).view(torch.uint8))
+
+
+@pytest.mark.parametrize(
+    "capability, cuda, expected",
+    [
+        ((9, 0), "13.0", None),
+        ((9, 0), "12.4", "built with CUDA 12.4; block-wise FP8 GEMMs need 12.9 or newer"),
+        ((8, 9), "13.0", "has compute capability 8.9; torch's block-wise scaled GEMM runs on 9.0 (Hopper) only"),
+    ],
+)
+def test_block_gemm_probe_answers_none_or_a_reason(monkeypatch, capability, cuda, expected):
+    """The probe's answer is None (supported) or a str, for a faked device: never a sentinel."""
+    monkeypatch.setattr(scaling, "_block_gemm_reasons", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Fake GPU")
+    monkeypatch.setattr(torch.version, "cuda", cuda)
+    reason = scaling.block_gemm_unsupported_reason(torch.device("cuda", 0))
+    if expected is None:
+        assert reason is None
+    else:
+        assert isinstance(reason, str) and expected in reason

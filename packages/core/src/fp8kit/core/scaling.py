@@ -433,6 +433,7 @@ def block_gemm_unsupported_reason(device: torch.device) -> str | None:
     reason = _block_gemm_reasons.get(device, _UNKNOWN)
     if reason is not _UNKNOWN:
         return reason
+    reason = None  # supported unless a check below says why not
     if device.type != "cuda":
         reason = f"torch's block-wise scaled GEMM needs a CUDA GPU of compute capability 9.0, not device type {device.type!r}"
     else:
