@@ -297,3 +297,42 @@ def test_block_gemm_probe_answers_none_or_a_reason(monkeypatch, capability, cuda
         assert reason is None
     else:
         assert isinstance(reason, str) and expected in reason
+
+
+def test_grouped_probe_answers_none_on_a_faked_hopper(monkeypatch):
+    monkeypatch.setattr(scaling, "_grouped_reasons", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    assert scaling.grouped_mm_unsupported_reason(torch.device("cuda", 0)) is None
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 33])
+def test_block_gemm_pads_m_to_the_alignment_cublas_needs(monkeypatch, m):
+    """On the H200, cuBLASLt refused 1 x 128 scales with M = 1 or 33 (leading dimension not 16-byte aligned):
+    fp8_block_matmul pads M to a multiple of 4, always asks for exact accumulation, and returns M rows equal to
+    the dequantized reference. Checked here against an emulation of torch's block-wise GEMM that enforces that."""
+    import torch.nn.functional as F
+
+    calls = []
+
+    def emulated_scaled_mm(a, b, scale_a, recipe_a, scale_b, recipe_b, *, output_dtype, use_fast_accum):
+        rows, k = a.shape
+        groups = -(-k // 128)
+        assert rows % 4 == 0 and scale_a.shape == (rows, groups) and scale_a.stride() == (1, rows)
+        assert not use_fast_accum and recipe_a == F.ScalingType.BlockWise1x128
+        weight_scale = scale_b.t()[:, :groups]  # (N / 128, L)
+        x = scaling.dequantize(a, scale_a, block=(1, 128))
+        w = scaling.dequantize(b.t(), weight_scale, block=(128, 128))
+        calls.append(rows)
+        return F.linear(x, w).to(output_dtype)
+
+    monkeypatch.setattr(F, "scaled_mm", emulated_scaled_mm)
+    monkeypatch.setattr(scaling, "block_gemm_unsupported_reason", lambda device: None)
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 384, generator=g)
+    w = torch.randn(256, 384, generator=g)
+    w_fp8, w_scale = scaling.quantize_weight(w, "block")
+    x_fp8, x_scale = scaling.quantize_activation(x, "group", group_size=128)
+    out = scaling.fp8_block_matmul(x_fp8, w_fp8, x_scale, w_scale, out_dtype=torch.float32, use_fast_accum=True)
+    want = F.linear(scaling.dequantize(x_fp8, x_scale, block=(1, 128)), scaling.dequantize(w_fp8, w_scale, block=(128, 128)))
+    assert calls == [m + (-m % 4)] and out.shape == (m, 256)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-4)  # fp32 GEMMs of 4 and of m rows sum in other orders

@@ -485,18 +485,24 @@ def _block_scaled_mm(
     L % 4 == 0 (the padding is then empty and both layouts are the same view).
     """
     m = x_fp8.shape[0]
-    if x_scale.stride(0) != 1 or (x_scale.shape[1] > 1 and x_scale.stride(1) != m):
-        x_scale = x_scale.t().contiguous().t()  # (M, L), strides (1, M)
+    pad_m = -m % 4  # cuBLASLt refuses 1 x 128 scales whose leading dimension (M) is not 16-byte aligned (H200: M=1, 33)
+    if pad_m:
+        x_fp8 = torch.cat([x_fp8.view(torch.uint8), x_fp8.new_zeros(pad_m, x_fp8.shape[1], dtype=torch.uint8)]).view(FP8_DTYPE)
+        x_scale = torch.cat([x_scale, x_scale.new_ones(pad_m, x_scale.shape[1])])  # (M4, L)
+    m4 = m + pad_m
+    if x_scale.stride(0) != 1 or (x_scale.shape[1] > 1 and x_scale.stride(1) != m4):
+        x_scale = x_scale.t().contiguous().t()  # (M4, L), strides (1, M4)
     groups = weight_scale.shape[1]  # L
     pad = -groups % 4
     scaled_mm_v2 = getattr(F, "scaled_mm", None)
     if scaled_mm_v2 is not None:
         scale_b = (F.pad(weight_scale, (0, pad)) if pad else weight_scale).t()  # (L4, N / 128), strides (1, L4)
         recipe = F.ScalingType
-        return scaled_mm_v2(
+        out = scaled_mm_v2(
             x_fp8, weight_fp8.t(), x_scale, recipe.BlockWise1x128, scale_b, recipe.BlockWise128x128,
             output_dtype=out_dtype, use_fast_accum=use_fast_accum,
         )  # fmt: skip
+        return out[:m] if pad_m else out
     if pad:
         raise RuntimeError(
             f"torch {torch.__version__} has no F.scaled_mm, and torch._scaled_mm's block-wise layout for "
@@ -505,7 +511,8 @@ def _block_scaled_mm(
     out = torch._scaled_mm(
         x_fp8, weight_fp8.t(), x_scale, weight_scale.t(), out_dtype=out_dtype, use_fast_accum=use_fast_accum
     )
-    return out[0] if isinstance(out, tuple) else out
+    out = out[0] if isinstance(out, tuple) else out
+    return out[:m] if pad_m else out
 
 
 def fp8_block_matmul(
@@ -526,6 +533,7 @@ def fp8_block_matmul(
     block-wise scaled GEMM where it can (compute capability 9.0, CUDA >= 12.9, block (128, 128));
     elsewhere, or where torch rejects the call, dequantizes and calls `F.linear` (the same
     function in fp32), with one logged warning. The bias is added after the GEMM, in fp32.
+    use_fast_accum is accepted for symmetry and ignored: torch has no fast-accumulation block-wise GEMM.
     """
     m, n = x_fp8.shape[0], weight_fp8.shape[0]
     if m == 0:
@@ -538,11 +546,13 @@ def fp8_block_matmul(
         if not compiling:  # logging would break the graph
             _warn_once(reason)
         return _reference_block_matmul(x_fp8, weight_fp8, x_scale, weight_scale, block_size, bias, out_dtype)
+    # torch refuses fast accumulation with 128 x 128 block scales ("scaled_gemm doesn't support fast accum with
+    # 128x128 blockwise scaling", H200, torch 2.11): block GEMMs always accumulate in full FP32.
     if compiling:
-        out = _block_scaled_mm(x_fp8, weight_fp8, x_scale, weight_scale, out_dtype, use_fast_accum)
+        out = _block_scaled_mm(x_fp8, weight_fp8, x_scale, weight_scale, out_dtype, False)
     else:
         try:
-            out = _block_scaled_mm(x_fp8, weight_fp8, x_scale, weight_scale, out_dtype, use_fast_accum)
+            out = _block_scaled_mm(x_fp8, weight_fp8, x_scale, weight_scale, out_dtype, False)
         except RuntimeError as exc:
             _warn_once(
                 f"torch's block-wise scaled GEMM rejected {tuple(x_fp8.shape)} x {tuple(weight_fp8.shape)} -> "
@@ -567,6 +577,7 @@ def grouped_mm_unsupported_reason(device: torch.device) -> str | None:
     reason = _grouped_reasons.get(device, _UNKNOWN)
     if reason is not _UNKNOWN:
         return reason
+    reason = None  # supported unless a check below says why not
     if device.type != "cuda":
         reason = f"torch._scaled_grouped_mm needs a CUDA device of compute capability 9.0, not {device.type!r}"
     elif not hasattr(torch, "_scaled_grouped_mm"):
