@@ -494,7 +494,9 @@ def _block_scaled_mm(
         x_scale = x_scale.t().contiguous().t()  # (M4, L), strides (1, M4)
     groups = weight_scale.shape[1]  # L
     pad = -groups % 4
-    scaled_mm_v2 = getattr(F, "scaled_mm", None)
+    # torch.compile (2.11) cannot trace F.scaled_mm (a graph break: "_scaled_mm_v2 ... marked as skipped"): under
+    # compile take torch._scaled_mm, which it traces; `fp8_block_matmul` sends the L % 4 != 0 case to the reference.
+    scaled_mm_v2 = None if torch.compiler.is_compiling() else getattr(F, "scaled_mm", None)
     if scaled_mm_v2 is not None:
         scale_b = (F.pad(weight_scale, (0, pad)) if pad else weight_scale).t()  # (L4, N / 128), strides (1, L4)
         recipe = F.ScalingType
@@ -542,6 +544,8 @@ def fp8_block_matmul(
     reason = block_gemm_unsupported_reason(x_fp8.device)
     if reason is None and tuple(block_size) != TORCH_BLOCK:
         reason = f"torch's block-wise scaled GEMM takes 128 x 128 blocks only, not {tuple(block_size)}"
+    if reason is None and compiling and weight_scale.shape[1] % 4:
+        reason = "under torch.compile, ceil(K / 128) must be a multiple of 4 (torch._scaled_mm's block layout)"
     if reason is not None:
         if not compiling:  # logging would break the graph
             _warn_once(reason)
