@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from fp8kit.bench import LinearWorkload, TimingConfig, get_backend, parse_backends, run_benchmarks, sqnr_db
-from fp8kit.bench.backends import FP8Backend, GraphTimed, OrtCpuBackend, TensorRTBackend, TorchBackend
+from fp8kit.bench.backends import FP8Backend, GraphTimed, OrtCpuBackend, TensorRTBackend, TorchaoBackend, TorchBackend
+from fp8kit.bench.workloads import TORCHAO_BACKENDS
 from fp8kit.core.config import QuantConfig
 from fp8kit.core.errors import ConfigError
 from fp8kit.core.linear import FP8Linear
@@ -151,3 +152,42 @@ def test_compiled_fp8_backend_compiles_once_for_every_weight_copy_and_m():
             torch.testing.assert_close(fn(x), eager.build_linear(w, weights[0])(x), rtol=1e-5, atol=1e-5)
     # one graph for all copies and M >= 2 (M is dynamic), none per weight copy
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("backend_id", ["torchao-fp8-row", "torchao-fp8-tensor-compiled", "torchao-fp8-row-compiled-graph"])
+def test_torchao_ids_round_trip(backend_id):
+    backend = get_backend(backend_id)
+    inner = backend.inner if isinstance(backend, GraphTimed) else backend
+    assert isinstance(inner, TorchaoBackend) and backend.id == backend_id
+    assert inner.granularity == backend_id.split("-")[2] and backend.compiled == ("compiled" in backend_id)
+    assert inner.weight_bytes(4096, 1024, torch.bfloat16) == 4096 * 1024 + 4 * (4096 if inner.granularity == "row" else 1)
+
+
+def test_torchao_rows_are_skipped_with_the_reason_without_torchao(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None if name == "torchao" else real_find_spec(name, *a, **k))
+    backends = parse_backends("torch-fp32,peers")
+    assert [b.id for b in backends][1:] == list(TORCHAO_BACKENDS)
+    frame = run_benchmarks([LinearWorkload("proj", 2, 32, 48)], backends, device="cpu", timing=FAST, progress=False)
+    status = dict(zip(frame["backend"], frame["status"]))
+    assert status.pop("torch-fp32") == "ok"
+    graph_reason = "not run: CUDA-graph timing needs a CUDA GPU"
+    for backend_id, reason in status.items():  # never a number
+        expected = graph_reason if backend_id.endswith("-graph") else "not run: torchao not installed (pip install torchao>=0.18 for the peer rows)"
+        assert reason == expected, backend_id
+    assert frame.loc[frame["backend"] != "torch-fp32", "latency_ms_median"].isna().all()
+
+
+def test_torchao_needs_a_gpu_even_where_it_is_installed(monkeypatch):
+    # As if torchao were importable: on a CPU the rows still say why they do not run.
+    import sys
+    import types
+
+    fake = types.ModuleType("torchao")
+    quantization = types.ModuleType("torchao.quantization")
+    quantization.Float8DynamicActivationFloat8WeightConfig = object
+    monkeypatch.setitem(sys.modules, "torchao", fake)
+    monkeypatch.setitem(sys.modules, "torchao.quantization", quantization)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: object() if name == "torchao" else real_find_spec(name, *a, **k))
+    assert get_backend("torchao-fp8-row").unavailable_reason(CPU) == "torchao's FP8 inference path needs a CUDA GPU (compute capability >= 8.9)"

@@ -24,6 +24,7 @@ from fp8kit.bench.__main__ import main
 from fp8kit.bench.backends import CopyBackend, QuantBackend, ScaledMMBackend
 from fp8kit.bench.metrics import ceiling_share, floor_ms, floor_ratio
 from fp8kit.bench.report import add_derived, add_quant_floor
+from fp8kit.bench.workloads import TORCHAO_BACKENDS
 from fp8kit.bench.workloads import SUITES, LinearWorkload, ceiling_backend_id, suite_parts
 from fp8kit.core import scaling
 from fp8kit.core.errors import ConfigError
@@ -331,6 +332,25 @@ def test_h200_block_suite_expands_to_the_issue_grid():
                 assert scheme + fa + suffix in backends and ceiling_backend_id(scheme + fa + suffix) in backends
     assert {"copy", "quant-dynamic-group", "copy-graph", "quant-dynamic-group-graph"} <= set(parts["quant"].backends)
     assert {(w.m, w.k) for w in parts["quant"].workloads} >= {(8192, 4096), (8192, 14336), (1, 4096)}
+
+
+def test_h200_decode_suite_expands_to_the_issue_grid():
+    parts = {p.target: p for p in suite_parts("h200-decode")}
+    assert list(parts) == ["quant", "prefill", "decode"]
+    assert {(w.m, w.n, w.k) for w in parts["prefill"].workloads} == {(8192, 8192, 8192)}  # the no-regression row
+    assert {(w.m, w.n, w.k) for w in parts["decode"].workloads} == {
+        (m, n, k) for m in (1, 8, 16) for n, k in ((14336, 4096), (4096, 14336))
+    }
+    assert parts["decode"].rotate_bytes >= 512 * 2**20
+    decode = set(parts["decode"].backends)
+    for scheme in ("fp8-dynamic-token", "fp8-static-tensor", "fp8-dynamic-tensor", "torch-bf16"):
+        assert {scheme, scheme + "-graph"} <= decode  # eager chains and CUDA graphs
+    assert set(TORCHAO_BACKENDS) <= decode  # the peer beside every mode
+    assert {"torchao-fp8-row", "torchao-fp8-tensor-compiled"} <= set(parts["prefill"].backends)
+    assert {"copy", "quant-dynamic-token", "quant-dynamic-token-graph"} <= set(parts["quant"].backends)
+    for part in parts.values():
+        for backend_id in part.backends:
+            get_backend(backend_id)
 
 
 def test_suite_parts_filter_and_errors():

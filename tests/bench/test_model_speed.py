@@ -115,8 +115,10 @@ def test_presets_have_the_real_shapes():
 def test_unknown_model_and_bad_backend_are_config_errors():
     with pytest.raises(ConfigError, match=r"--models: unknown \['llama9'\]; choose from tiny"):
         run_model_speed(["llama9"], device="cpu", presets=TINY, quantize_layers=0)
-    with pytest.raises(ConfigError, match="fp8 ids without -compiled / -graph"):
+    with pytest.raises(ConfigError, match="fp8 / torchao ids without -compiled / -graph, got .torch-fp32."):
         run_model_speed(["tiny"], device="cpu", backends=("torch-fp32",), presets=TINY, quantize_layers=0)
+    with pytest.raises(ConfigError, match="got 'torchao-fp8-row-compiled'"):
+        run_model_speed(["tiny"], device="cpu", backends=("torchao-fp8-row-compiled",), presets=TINY, quantize_layers=0)
     with pytest.raises(ConfigError, match="cache_len > prompt_len"):
         ModelSpeedConfig(prompt_len=64, cache_len=64)
 
@@ -166,3 +168,26 @@ def test_speedups_compare_rows_run_the_same_way():
     assert frame["fp8-static-tensor-graph"] == pytest.approx(1.5)
     assert frame["fp8-static-tensor-compiled"] == pytest.approx(2.0)
     assert frame["fp8-static-tensor-compiled-graph"] == pytest.approx(4.0)
+
+
+def test_generate_rows_give_tokens_per_second_and_torchao_says_why_not(monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None if name == "torchao" else real_find_spec(name, *a, **k))
+    sizes = ModelSpeedConfig(decode_batch=2, prompt_len=8, cache_len=16, phases=("generate",), generate_tokens=3)
+    frame = run_model_speed(
+        ["tiny"], device="cpu", dtype=torch.bfloat16, backends=("fp8-dynamic-token", "torchao-fp8-row"),
+        sizes=sizes, timing=FAST, quantize_layers=0, presets=TINY,
+    )  # fmt: skip
+    assert set(frame["workload"]) == {"model:tiny:generate", "model:tiny:generate-eager"}
+    ok = frame[frame["status"] == "ok"]
+    assert sorted(ok["backend"]) == ["fp8-dynamic-token"] * 2 + ["torch-bf16"] * 2
+    for _, row in ok.iterrows():  # 2 prompts x 3 new tokens per call
+        assert row["tokens_per_s"] == pytest.approx(2 * 3 / (row["latency_ms_median"] / 1e3))
+        assert row["M"] == 2 and row["shape"] == "2x8+3"
+    fp8 = ok[ok["backend"] == "fp8-dynamic-token"]
+    assert fp8["token_agreement_vs_bf16"].between(0, 1).all()
+    peer = frame[frame["backend"] == "torchao-fp8-row"]
+    assert len(peer) == 2 and (peer["status"] == "not run: torchao not installed (pip install torchao>=0.18 for the peer rows)").all()
+    assert peer["latency_ms_median"].isna().all()

@@ -6,6 +6,10 @@
   (per-tensor weights for per-tensor activations, per-channel weights for per-token ones, 128 x 128
   blocks for 1 x 128 groups: ``fp8-dynamic-group`` runs torch's block-wise GEMM);
   ``-wchannel`` / ``-wtensor`` names the other; ``-fastacc`` sets ``use_fast_accum``.
+- ``torchao-fp8-<row|tensor>[-compiled]``: the nearest peer, torchao's
+  `Float8DynamicActivationFloat8WeightConfig` (dynamic activations; PerRow: per-token activations with
+  per-channel weights, PerTensor: per-tensor both; torchao's defaults, fast accumulation on) applied by
+  `torchao.quantization.quantize_`; rows say "not run: torchao not installed" where it is missing.
 - ``ort-cpu``: ONNX Runtime CPU on the fp8kit Q/DQ ONNX export (accuracy cross-check).
 - ``tensorrt-fp8``: a TensorRT engine built from the same ONNX, timed with its execution context.
 - ``scaled-mm-<rowwise|tensor|block>[-fastacc]``: the bare scaled GEMM on pre-quantized inputs (the
@@ -43,13 +47,14 @@ from fp8kit.core.errors import ConfigError
 from fp8kit.core.linear import FP8Linear
 from fp8kit.core.scaling import tensor_scale
 
-from .workloads import FP8_ID, QUANT_BACKENDS, QUANT_GRAPH_BACKENDS, SCALED_MM_BACKENDS
+from .workloads import FP8_ID, QUANT_BACKENDS, QUANT_GRAPH_BACKENDS, SCALED_MM_BACKENDS, TORCHAO_BACKENDS
 
 __all__ = [
     "Backend",
     "BuiltModel",
     "TorchBackend",
     "FP8Backend",
+    "TorchaoBackend",
     "OrtCpuBackend",
     "TensorRTBackend",
     "ScaledMMBackend",
@@ -294,6 +299,94 @@ class FP8Backend(Backend):
     def release(self) -> None:
         """Forget compiled per-shape graphs (call between shape groups to free their templates)."""
         self._compiled.clear()
+
+
+class TorchaoBackend(Backend):
+    """torchao's FP8 inference (`Float8DynamicActivationFloat8WeightConfig`, torchao >= 0.18), the peer
+    fp8kit is compared with: PerRow (per-token activations, per-channel weights) or PerTensor, its
+    defaults otherwise (fast accumulation on: compare with fp8kit's ``-fastacc`` rows). Inductor settings
+    are left alone (``set_inductor_config=False``) so compiled rows of both libraries share one config.
+    `-compiled`: `torch.compile` of the linear (dynamic shapes, one graph for every weight copy) or model.
+    """
+
+    def __init__(self, granularity: str, compiled: bool = False) -> None:
+        if granularity not in ("row", "tensor"):
+            raise ConfigError(f"TorchaoBackend: granularity {granularity!r} must be 'row' or 'tensor'")
+        self.granularity = granularity
+        self.compiled = compiled
+        self.id = f"torchao-fp8-{granularity}" + ("-compiled" if compiled else "")
+        self._compiled_linear: Callable[..., torch.Tensor] | None = None
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        if importlib.util.find_spec("torchao") is None:
+            return "torchao not installed (pip install torchao>=0.18 for the peer rows)"
+        try:
+            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig  # noqa: F401
+        except Exception as exc:  # noqa: BLE001 - an old or broken torchao: say which
+            return f"torchao has no usable Float8DynamicActivationFloat8WeightConfig ({type(exc).__name__}: {exc})"
+        if device.type != "cuda":
+            return "torchao's FP8 inference path needs a CUDA GPU (compute capability >= 8.9)"
+        from fp8kit.core.scaling import scaled_mm_unsupported_reason
+
+        return scaled_mm_unsupported_reason(device)
+
+    def workload_skip_reason(self, m: int, n: int, k: int) -> str | None:
+        if n % 16 or k % 16:
+            return f"torch._scaled_mm needs N and K divisible by 16 (N={n}, K={k})"
+        return None
+
+    def dtype_label(self, run_dtype: torch.dtype) -> str:
+        return f"fp8-e4m3/{dtype_name(run_dtype)}"
+
+    def impl(self, device: torch.device) -> str:
+        return "torchao" + (" under torch.compile" if self.compiled else "")
+
+    def weight_bytes(self, n: int, k: int, run_dtype: torch.dtype) -> int:
+        return n * k + 4 * (n if self.granularity == "row" else 1)
+
+    def element_bytes(self, run_dtype: torch.dtype) -> tuple[float, float, float]:
+        size = torch.finfo(run_dtype).bits / 8
+        return size, 1.0, size
+
+    def _quantize(self, module: nn.Module) -> nn.Module:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
+
+        config = Float8DynamicActivationFloat8WeightConfig(
+            granularity=PerRow() if self.granularity == "row" else PerTensor(), set_inductor_config=False
+        )
+        # As fp8kit's default config: every Linear but the lm_head, whose N or K divides by 16.
+        quantize_(
+            module,
+            config,
+            filter_fn=lambda mod, fqn: isinstance(mod, nn.Linear)
+            and not fqn.endswith("lm_head")
+            and mod.in_features % 16 == 0
+            and mod.out_features % 16 == 0,
+        )
+        return module
+
+    def build_linear(self, weight_hp: torch.Tensor, calib_x: torch.Tensor) -> LinearFn:
+        n, k = weight_hp.shape
+        linear = nn.Linear(k, n, bias=False, device=weight_hp.device, dtype=weight_hp.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight_hp)
+        weight = self._quantize(linear).weight  # a torchao Float8Tensor [N, K]
+        if not self.compiled:
+            return lambda x: F.linear(x, weight)
+        if self._compiled_linear is None:
+            _raise_dynamo_cache_limits()
+            self._compiled_linear = torch.compile(F.linear, dynamic=True)
+        fn = self._compiled_linear
+        return lambda x: fn(x, weight)
+
+    def build_model(self, model: nn.Module, calibration: list[Any]) -> BuiltModel:
+        module = self._quantize(copy.deepcopy(model)).eval()
+        forward = _compile_model(module) if self.compiled else module
+        return BuiltModel(module, forward)
+
+    def release(self) -> None:
+        """Forget the compiled linear (between shape groups)."""
+        self._compiled_linear = None
 
 
 def _weight_scales(weight: str, n: int, k: int) -> int:
@@ -760,7 +853,7 @@ class GraphTimed(Backend):
         return self.inner.build_model(model, calibration)
 
     def release(self) -> None:
-        if isinstance(self.inner, FP8Backend):
+        if isinstance(self.inner, (FP8Backend, TorchaoBackend)):
             self.inner.release()
 
 
@@ -796,6 +889,8 @@ BACKEND_PRESETS: dict[str, tuple[str, ...]] = {
     "quant": QUANT_BACKENDS + QUANT_GRAPH_BACKENDS,
     # Bare torch._scaled_mm on pre-quantized inputs: the FP8 GEMM ceiling.
     "ceiling": SCALED_MM_BACKENDS,
+    # The nearest peer (torchao's FP8 inference), eager / compiled, each also replayed from a CUDA graph.
+    "peers": TORCHAO_BACKENDS,
 }
 
 
@@ -824,6 +919,9 @@ def get_backend(backend_id: str) -> Backend:
             )
         except ConfigError as exc:  # an impossible scheme, e.g. block weights with per-tensor activations
             raise ConfigError(f"backend {text!r}: {exc}") from exc
+    torchao_match = re.fullmatch(r"torchao-fp8-(row|tensor)(-compiled)?", text)
+    if torchao_match:
+        return TorchaoBackend(torchao_match.group(1), compiled=bool(torchao_match.group(2)))
     mm_match = re.fullmatch(r"scaled-mm-(rowwise|tensor|block)(-fastacc)?", text)
     if mm_match:
         return ScaledMMBackend(mm_match.group(1), use_fast_accum=bool(mm_match.group(2)))
@@ -842,7 +940,8 @@ def get_backend(backend_id: str) -> Backend:
     raise ConfigError(
         f"unknown backend {text!r}; use torch-bf16|torch-fp16|torch-fp32[-compiled], "
         "fp8-dynamic-tensor|fp8-dynamic-token|fp8-dynamic-group|fp8-static-tensor[-wtensor|-wchannel|-wblock]"
-        "[-fastacc][-compiled], scaled-mm-rowwise|scaled-mm-tensor|scaled-mm-block[-fastacc], ort-cpu, "
+        "[-fastacc][-compiled], torchao-fp8-row|torchao-fp8-tensor[-compiled], "
+        "scaled-mm-rowwise|scaled-mm-tensor|scaled-mm-block[-fastacc], ort-cpu, "
         "ort-cpu-optimized, tensorrt-fp8, copy, "
         "quant-dynamic-token|quant-dynamic-group|quant-dynamic-tensor|quant-static-tensor[-torch[-compiled]] "
         "(all but ort / tensorrt ids may end in -graph), or a preset: " + ", ".join(BACKEND_PRESETS)

@@ -26,8 +26,18 @@ Workloads (one report row per backend, in `report.COLUMNS` + extra columns):
   allocated memory above the bf16 weights' footprint (the extra memory quantizing needs),
   ``layer_bf16_mb`` = one decoder layer's bf16 Linear weights (the target: peak extra <= one layer).
 
+- ``model:<name>:generate`` / ``model:<name>:generate-eager`` (phase "generate", opt-in):
+  `model.generate` of ``generate_tokens`` new tokens (greedy) for ``decode_batch`` prompts of
+  ``prompt_len`` tokens with transformers' static cache (``cache_implementation="static"``), as a user
+  calls it: "generate" with transformers' defaults (it compiles the static-cache decoding step itself
+  where it does so; ``compiled_graphs`` counts the graphs dynamo made during warm-up), "generate-eager"
+  with ``disable_compile=True`` (every FP8Linear called eagerly). ``tokens_per_s`` = batch x new tokens /
+  median seconds per call. A bare-model preset (``llama3-8b-stack``) gets an lm_head for these rows
+  (kept in bf16 by fp8kit's and torchao's default filters).
+
 ``--model-phases decode`` (``ModelSpeedConfig.phases``) runs the decode rows only (no prefill, no
-float64 reference).
+float64 reference). Backends: fp8kit ids (``fp8-...``) and the torchao peers (``torchao-fp8-row`` /
+``torchao-fp8-tensor``), without ``-compiled`` / ``-graph`` (the variants are rows of every backend).
 
 Correctness in the same run: ``rel_error`` / ``sqnr_db`` against a float64 copy of the bf16 model
 (prefill; where the device has room), ``rel_error_vs_bf16`` against the bf16 model's output, and
@@ -54,7 +64,7 @@ from fp8kit.core.errors import ConfigError
 from fp8kit.core.surgery import quantize
 
 from . import metrics
-from .backends import FP8Backend, dtype_name, get_backend
+from .backends import FP8Backend, TorchaoBackend, dtype_name, get_backend
 from .report import add_speedup, error_status, make_frame
 from .timing import TimingConfig, free_memory, sync, time_calls
 from .workloads import llama3_8b_stack_config, smollm2_arch_config
@@ -86,7 +96,8 @@ FP8_MODEL_BACKENDS: tuple[str, ...] = (
     "fp8-dynamic-tensor-fastacc",
 )
 BASELINE = "torch-bf16"
-PHASES: tuple[str, ...] = ("prefill", "decode")
+PHASES: tuple[str, ...] = ("prefill", "decode", "generate")
+DEFAULT_PHASES: tuple[str, ...] = ("prefill", "decode")
 
 
 #: name -> (config factory taking num_layers or None, with_lm_head)
@@ -108,11 +119,15 @@ class ModelSpeedConfig:
     reference: bool = True  # float64 reference of the bf16 model's prefill
     compile_prefill: bool = False  # also time prefill under torch.compile (slow to compile)
     compile_decode: bool = False  # also time the decode step compiled (torch.compile) and graph-captured
-    phases: tuple[str, ...] = PHASES  # which of "prefill" / "decode" to run
+    phases: tuple[str, ...] = DEFAULT_PHASES  # which of "prefill" / "decode" / "generate" to run
     gqa_attention: bool = True  # every model (bf16 and FP8) on fp8kit's "fp8kit_sdpa_gqa" attention
+    generate_tokens: int = 64  # new tokens per `model.generate` call (phase "generate")
 
     def __post_init__(self) -> None:
-        if min(self.prefill_len, self.decode_batch, self.prompt_len) < 1 or self.cache_len <= self.prompt_len:
+        if (
+            min(self.prefill_len, self.decode_batch, self.prompt_len, self.generate_tokens) < 1
+            or self.cache_len <= self.prompt_len
+        ):
             raise ConfigError(
                 f"ModelSpeedConfig: need positive sizes and cache_len > prompt_len, got {self}"
             )
@@ -132,12 +147,14 @@ def build_model(config: Any, with_lm_head: bool, device: torch.device, dtype: to
     return model.to(dtype=dtype).eval()
 
 
-def quantized_copy(model: nn.Module, backend_id: str, calibration: Sequence[Any]) -> tuple[nn.Module, QuantConfig]:
-    """A deep copy of `model` quantized by fp8kit per the FP8 backend id (static scales calibrated
-    on `calibration`, a list of input-id tensors)."""
+def quantized_copy(model: nn.Module, backend_id: str, calibration: Sequence[Any]) -> tuple[nn.Module, QuantConfig | None]:
+    """A deep copy of `model` quantized per the backend id: fp8kit (static scales calibrated on
+    `calibration`, a list of input-id tensors; returns its QuantConfig) or a torchao peer (config None)."""
     backend = get_backend(backend_id)
+    if isinstance(backend, TorchaoBackend) and not backend.compiled:
+        return backend.build_model(model, list(calibration)).module, None
     if not isinstance(backend, FP8Backend):
-        raise ConfigError(f"{backend_id!r} is not an fp8 backend id (e.g. {FP8_MODEL_BACKENDS[0]})")
+        raise ConfigError(f"{backend_id!r} is not an fp8 or torchao backend id (e.g. {FP8_MODEL_BACKENDS[0]})")
     config = backend.config
     qmodel = copy.deepcopy(model)
     quantize(qmodel, config, list(calibration) if config.activation == "static" else None)
@@ -292,13 +309,17 @@ def run_model_speed(
     if unknown:
         raise ConfigError(f"--models: unknown {unknown}; choose from {', '.join(presets)}")
     for backend_id in backends:
-        if not isinstance(get_backend(backend_id), FP8Backend) or backend_id.endswith("-compiled"):
-            raise ConfigError(f"model speed backends are fp8 ids without -compiled / -graph, got {backend_id!r}")
+        if not isinstance(get_backend(backend_id), (FP8Backend, TorchaoBackend)) or backend_id.endswith("-compiled"):
+            raise ConfigError(f"model speed backends are fp8 / torchao ids without -compiled / -graph, got {backend_id!r}")
     rows: list[dict[str, Any]] = []
     for name in models:
         factory, with_lm_head = presets[name]
-        rows += _run_one_model(name, factory, with_lm_head, device, dtype, list(backends), sizes, timing, seed)
-        free_memory(device)
+        if "prefill" in sizes.phases or "decode" in sizes.phases:
+            rows += _run_one_model(name, factory, with_lm_head, device, dtype, list(backends), sizes, timing, seed)
+            free_memory(device)
+        if "generate" in sizes.phases:
+            rows += _generate_rows(name, factory, device, dtype, list(backends), sizes, timing, seed)
+            free_memory(device)
     if quantize_layers > 0:
         rows += _quantize_rows(device, dtype, quantize_layers, seed)
         free_memory(device)
@@ -398,7 +419,10 @@ def _run_one_model(
             variant_rows["compiled"] = _base_row(
                 prefill_label, backend_id + "-compiled", label, sizes.prefill_len, prefill_shape, device
             )
+        reason = _unavailable(backend_id, device)
         try:
+            if reason is not None:
+                raise _NotRun(reason)
             start = time.perf_counter()
             if backend_id == BASELINE:
                 model = base
@@ -407,9 +431,10 @@ def _run_one_model(
             sync(device)
             setup_s = time.perf_counter() - start
         except Exception as exc:  # noqa: BLE001
-            logger.exception("could not quantize %s for %s", name, backend_id)
-            for row in variant_rows.values():
-                rows.append({**row, "status": error_status(exc)})
+            if reason is None:
+                logger.exception("could not quantize %s for %s", name, backend_id)
+            status = f"not run: {reason}" if reason is not None else error_status(exc)
+            rows.extend({**row, "status": status} for key, row in variant_rows.items() if _phase(key) in sizes.phases)
             continue
         weight_bytes = sum(
             t.numel() * t.element_size()
@@ -517,6 +542,98 @@ def _run_one_model(
         del decode
         if model is not base:
             del model
+        free_memory(device)
+    del base
+    return rows
+
+
+class _NotRun(Exception):
+    """A backend that cannot run on this device (its rows say why)."""
+
+
+def _unavailable(backend_id: str, device: torch.device) -> str | None:
+    return None if backend_id == BASELINE else get_backend(backend_id).unavailable_reason(device)
+
+
+def _generate_rows(
+    name: str,
+    factory: Callable[[int | None], Any],
+    device: torch.device,
+    dtype: torch.dtype,
+    backends: list[str],
+    sizes: ModelSpeedConfig,
+    timing: TimingConfig,
+    seed: int,
+) -> list[dict[str, Any]]:
+    """`model.generate` rows (see the module docstring): tokens / s with transformers' static cache."""
+    import torch._dynamo
+
+    config = factory(sizes.num_layers)
+    base = build_model(config, True, device, dtype, seed)  # a causal LM: generate needs its lm_head
+    if sizes.gqa_attention:
+        from fp8kit.core.graphs import use_gqa_attention
+
+        use_gqa_attention(base)
+    gen = torch.Generator(device="cpu").manual_seed(seed + 2)
+    prompt = torch.randint(0, config.vocab_size, (sizes.decode_batch, sizes.prompt_len), generator=gen).to(device)
+    calibration = [torch.randint(0, config.vocab_size, (1, 512), generator=gen).to(device)]
+    new_tokens = sizes.generate_tokens
+    shape = f"{sizes.decode_batch}x{sizes.prompt_len}+{new_tokens}"
+    baseline_ids: dict[str, torch.Tensor] = {}
+    rows: list[dict[str, Any]] = []
+    for backend_id in [BASELINE] + backends:
+        label = dtype_name(dtype) if backend_id == BASELINE else f"fp8-e4m3/{dtype_name(dtype)}"
+        reason = _unavailable(backend_id, device)
+        try:
+            if reason is not None:
+                raise _NotRun(reason)
+            model = base if backend_id == BASELINE else quantized_copy(base, backend_id, calibration)[0]
+        except Exception as exc:  # noqa: BLE001
+            if reason is None:
+                logger.exception("could not quantize %s for %s", name, backend_id)
+            status = f"not run: {reason}" if reason is not None else error_status(exc)
+            for variant in ("generate", "generate-eager"):
+                rows.append({**_base_row(f"model:{name}:{variant}", backend_id, label, sizes.decode_batch, shape, device),
+                             "status": status})  # fmt: skip
+            continue
+        for variant, disable_compile in (("generate", False), ("generate-eager", True)):
+            row = _base_row(f"model:{name}:{variant}", backend_id, label, sizes.decode_batch, shape, device)
+            kwargs = dict(
+                input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens, do_sample=False, cache_implementation="static", pad_token_id=0,
+                disable_compile=disable_compile,
+            )  # fmt: skip
+            try:
+                torch._dynamo.reset()
+                graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+                first = time.perf_counter()
+                with torch.no_grad():
+                    out = model.generate(**kwargs)  # warm-up (transformers may compile here)
+                sync(device)
+                row["first_call_s"] = time.perf_counter() - first
+                row["compiled_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
+                seconds = []
+                for _ in range(max(2, min(timing.min_runs, 5))):
+                    start = time.perf_counter()
+                    with torch.no_grad():
+                        model.generate(**kwargs)
+                    sync(device)
+                    seconds.append(time.perf_counter() - start)
+                row.update(metrics.latency_stats([s * 1e3 for s in seconds]))
+                row["tokens_per_s"] = sizes.decode_batch * new_tokens / (row["latency_ms_median"] / 1e3)
+                generated = out[:, sizes.prompt_len :]
+                if backend_id == BASELINE:
+                    baseline_ids[variant] = generated
+                elif variant in baseline_ids:  # how many greedy tokens agree with bf16's (random weights)
+                    row["token_agreement_vs_bf16"] = float((generated == baseline_ids[variant]).float().mean().item())
+                row["status"] = "ok"
+            except Exception as exc:  # noqa: BLE001
+                logger.exception("%s of %s / %s failed", variant, name, backend_id)
+                row["status"] = error_status(exc)
+            rows.append(row)
+        if model is not base:
+            del model
+        torch._dynamo.reset()
         free_memory(device)
     del base
     return rows
@@ -642,8 +759,12 @@ def add_cli_arguments(parser: Any) -> None:
         "--compile-decode", action="store_true", help="also time the --models decode step compiled + CUDA graph"
     )
     parser.add_argument(
-        "--model-phases", default=",".join(PHASES), help="--models phases to run: prefill,decode (default both)"
+        "--model-phases",
+        default=",".join(DEFAULT_PHASES),
+        help="--models phases to run: prefill,decode (default) and/or generate (model.generate tokens/s, static cache)",
     )
+    parser.add_argument("--decode-batch", type=int, default=8, help="--models: sequences per decode step / generate call")
+    parser.add_argument("--generate-tokens", type=int, default=64, help="--models: new tokens per model.generate call")
     parser.add_argument(
         "--stock-attention",
         action="store_true",
@@ -675,6 +796,8 @@ def run_cli(args: Any, command: str) -> int:
         compile_decode=args.compile_decode,
         phases=tuple(p.strip() for p in args.model_phases.split(",") if p.strip()),
         gqa_attention=not args.stock_attention,
+        decode_batch=args.decode_batch,
+        generate_tokens=args.generate_tokens,
     )
     frame = run_model_speed(
         models, device=device, backends=backends, sizes=sizes, timing=timing, quantize_layers=args.quantize_layers

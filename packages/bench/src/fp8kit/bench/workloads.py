@@ -256,6 +256,11 @@ FP8_LINEAR_BACKENDS: tuple[str, ...] = tuple(f"fp8-{s}{fa}" for s in _FP8_SCHEME
 SCALED_MM_BACKENDS: tuple[str, ...] = tuple(
     f"scaled-mm-{s}{fa}" for s in ("rowwise", "tensor") for fa in ("", "-fastacc")
 )
+# torchao's Float8DynamicActivationFloat8WeightConfig (PerRow / PerTensor), eager and compiled, each
+# also replayed from a CUDA graph: the peer rows beside fp8kit's (`backends.TorchaoBackend`).
+TORCHAO_BACKENDS: tuple[str, ...] = tuple(
+    f"torchao-fp8-{g}{c}{graph}" for graph in ("", "-graph") for g in ("row", "tensor") for c in ("", "-compiled")
+)
 #: ``fp8-<activation>-<granularity>[-w<weight>][-fastacc][-compiled]`` backend ids (`backends.get_backend`).
 FP8_ID = re.compile(
     r"^fp8-(?P<activation>dynamic|static)-(?P<granularity>tensor|token|group)"
@@ -339,6 +344,24 @@ BLOCK_PREFILL_BACKENDS: tuple[str, ...] = _BLOCK_LINEARS
 BLOCK_DECODE_BACKENDS: tuple[str, ...] = tuple(b + "-graph" for b in _BLOCK_LINEARS)
 _BLOCK_SHAPES = (("square-8192", 8192, 8192), ("gate_proj/up_proj", 14336, 4096), ("down_proj", 4096, 14336))
 
+# Issue 16 (h200-decode): the kernels beside a copy; prefill with fast accumulation (torchao's default)
+# and without; decode eager and replayed, with compiled fp8kit and torchao rows.
+_KERNEL_QUANT_BACKENDS: tuple[str, ...] = ("copy", "copy-graph") + tuple(
+    f"quant-{s}{g}" for s in _QUANT_SCHEMES for g in ("", "-graph")
+)
+H200_PREFILL_BACKENDS: tuple[str, ...] = (
+    ("torch-bf16", "torch-bf16-compiled") + FP8_LINEAR_BACKENDS + SCALED_MM_BACKENDS
+    + tuple(b for b in TORCHAO_BACKENDS if not b.endswith("-graph"))
+)  # fmt: skip
+_H200_DECODE_EAGER = ("torch-bf16",) + tuple(f"fp8-{s}" for s in _FP8_SCHEMES)
+H200_DECODE_BACKENDS: tuple[str, ...] = (
+    _H200_DECODE_EAGER
+    + tuple(b + "-graph" for b in _H200_DECODE_EAGER)
+    + ("scaled-mm-rowwise-fastacc-graph", "scaled-mm-tensor-fastacc-graph", "torch-bf16-compiled-graph")
+    + ("fp8-dynamic-token-fastacc-compiled-graph", "fp8-static-tensor-fastacc-compiled-graph")
+    + TORCHAO_BACKENDS
+)  # fmt: skip
+
 SUITES: dict[str, tuple[SuitePart, ...]] = {
     # Issue 5, targets 1-3 (about 5 minutes on one H100).
     "h100-speed": (
@@ -366,6 +389,14 @@ SUITES: dict[str, tuple[SuitePart, ...]] = {
         ),
         SuitePart("prefill", _linears("prefill", _BLOCK_SHAPES, (8192,)), BLOCK_PREFILL_BACKENDS),
         SuitePart("decode", _linears("decode", _BLOCK_SHAPES, _DECODE_M), BLOCK_DECODE_BACKENDS, rotate_bytes=512 * 2**20),
+    ),
+    # Issue 16 on an H200: decode M = 1, 8, 16 on gate/up and down (eager chains and CUDA graphs, weights
+    # rotated from HBM; FP8Linear takes the fused skinny-M kernel where `skinny.TABLE` says so), torchao
+    # beside fp8kit, and the no-regression rows: 8192^3 prefill and the quantization kernels.
+    "h200-decode": (
+        SuitePart("quant", _quant([(8192, 8192)] + [(m, 4096) for m in _DECODE_M]), _KERNEL_QUANT_BACKENDS),
+        SuitePart("prefill", _linears("prefill", _PREFILL_SHAPES[:1], (8192,)), H200_PREFILL_BACKENDS),
+        SuitePart("decode", _linears("decode", _DECODE_SHAPES, _DECODE_M), H200_DECODE_BACKENDS, rotate_bytes=512 * 2**20),
     ),
     # The same structure on tiny shapes for CPU runs and tests (seconds).
     "cpu-speed": (
