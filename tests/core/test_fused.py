@@ -28,13 +28,15 @@ MIN_INTERPRETER_TRITON = (3, 9)  # as test_kernels.py: 3.6's interpreter fails u
 # name: M, N, K, activation, weight granularity, bias, tiles, out dtype. K not a multiple of block_k,
 # odd M and N, M above 16 (BLOCK_M 32), split-K with a ragged last split, per-tensor / per-channel weights.
 CASES = {
-    "token-m1": (1, 48, 100, "token", "channel", True, dict(block_n=32, block_k=64, amax_block_k=64), "float32"),
+    "token-m1": (1, 48, 100, "token", "channel", True, dict(block_n=32, block_k=64, amax_block=64), "float32"),
     "token-m7-split3": (7, 70, 300, "token", "channel", False, dict(block_n=32, block_k=64, split_k=3), "float32"),
     "token-m20-bm32": (20, 40, 96, "token", "tensor", True, dict(block_n=16, block_k=32, split_k=2), "float32"),
     "tensor-m5-split2": (5, 33, 160, "tensor", "tensor", True, dict(block_n=16, block_k=64, split_k=2), "float32"),
-    "tensor-m16": (16, 64, 256, "tensor", "channel", False, dict(block_n=64, block_k=128, amax_block_k=32), "float32"),
+    "tensor-m16": (16, 64, 256, "tensor", "channel", False, dict(block_n=64, block_k=128, amax_block=256), "float32"),
+    "token-m12-rows": (12, 48, 200, "token", "channel", False, dict(block_n=16, block_k=32, amax_block=256, amax_stages=2), "float32"),
     "static-m3": (3, 50, 130, "static", "tensor", True, dict(block_n=32, block_k=64, split_k=2), "float32"),
-    "static-m16-recip": (16, 32, 64, "static", "channel", False, dict(block_n=32, block_k=32, exact_div=False), "float32"),
+    "static-m16-exact": (16, 32, 64, "static", "channel", False, dict(block_n=32, block_k=32, exact_div=True), "float32"),
+    "token-m3-exact": (3, 40, 160, "token", "tensor", True, dict(block_n=16, block_k=64, split_k=2, exact_div=True), "float32"),
     "fp8-token-m9": (9, 40, 200, "fp8", "channel", True, dict(block_n=32, block_k=64, split_k=4), "float32"),
     "fp8-tensor-m2": (2, 24, 48, "fp8-tensor", "tensor", False, dict(block_n=16, block_k=32), "float32"),
     "token-m4-bf16": (4, 40, 96, "token", "channel", True, dict(block_n=32, block_k=32), "bfloat16"),
@@ -63,6 +65,15 @@ save_file(outputs, sys.argv[3])
 """
 
 
+def kernel_quantize(x: torch.Tensor, scale: torch.Tensor, exact_div: bool) -> torch.Tensor:
+    """The kernel's FP8 activation: ``cast(clamp(x / s))`` (exact_div), else ``cast(clamp(x * (1 / s)))``
+    with the IEEE reciprocal and an fp32 multiply, as the kernel computes it by default."""
+    if exact_div:
+        return scaling.quantize(x, scale)
+    inverse = torch.ones_like(scale) / scale
+    return (x.float() * inverse).clamp(-scaling.FP8_MAX, scaling.FP8_MAX).to(scaling.FP8_DTYPE)
+
+
 def case_tensors(name: str) -> dict[str, torch.Tensor]:
     """Inputs of a case, plus the torch-reference quantized activation (xq, xs) it must reproduce."""
     m, n, k, act, wgran, bias, _, _ = CASES[name]
@@ -79,7 +90,7 @@ def case_tensors(name: str) -> dict[str, torch.Tensor]:
         t[name + ".x_scale"] = xs
     else:
         xs = scaling.rowwise_scale(x) if act in ("token", "fp8") else scaling.tensor_scale(x)
-    xq = scaling.quantize(x, xs)
+    xq = kernel_quantize(x, xs, CASES[name][6].get("exact_div", False))
     if act.startswith("fp8"):
         t[name + ".x"], t[name + ".x_scale"] = xq, xs
     else:
@@ -221,3 +232,25 @@ def test_fp8linear_copies_carry_no_launch_plans():
     assert module._skinny_plans  # the original keeps its own
     module.to(torch.float16)
     assert module._skinny_plans == {}  # a new dtype / device: plan again
+
+
+def test_plan_modes_follow_the_rule_eagerly_and_under_capture(monkeypatch):
+    monkeypatch.setattr(kernels, "unavailable_reason", lambda device: None)  # plan on the CPU (no launch)
+    rule = skinny.Rule(16, kernels.FusedTiles(block_n=32, split_k=2), eager="fused", graph="prequant")
+    monkeypatch.setattr(skinny, "TABLE", {("token", "small"): rule, ("tensor", "small"): skinny.Rule(16, rule.tiles, graph="existing")})
+    common = dict(x_dtype=torch.bfloat16, weight_scale_rows=True, has_bias=False, device=torch.device("cpu"))
+    mode, plan = skinny.plan_for("token", 4, 64, 128, **common)
+    assert mode == "fused" and plan.activation == "token" and plan.out_dtype == torch.bfloat16
+    mode, plan = skinny.plan_for("token", 4, 64, 128, capturing=True, **common)
+    assert mode == "prequant" and plan.activation == "fp8"
+    assert plan.consts[2] is True  # per-row x scales of the quantize kernel (M > 1)
+    assert skinny.plan_for("token", 1, 64, 128, capturing=True, **common)[1].consts[2] is False  # M = 1: one scale
+    assert skinny.plan_for("tensor", 4, 64, 128, capturing=True, **common) is None  # "existing"
+    assert skinny.plan_for("tensor", 4, 64, 128, **common)[0] == "fused"
+
+
+def test_the_shipped_table_covers_every_scheme_and_class():
+    for scheme in ("static", "tensor", "token"):
+        for cls in ("small", "square", "wide", "deep"):
+            rule = skinny.TABLE[(scheme, cls)]
+            assert rule.max_m == skinny.MAX_M and rule.eager in skinny.MODES and rule.graph in skinny.MODES

@@ -2,11 +2,13 @@
 a float64 reference and transformers' "sdpa" / "eager"), the static-cache decode step (CPU, against a
 full recompute), and graph replay == eager for an FP8 tiny Llama decode step (GPU only)."""
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import StaticCache
 
-from fp8kit.core import FP8Linear, QuantConfig, quantize
+from fp8kit.core import FP8Linear, QuantConfig, quantize, skinny
 from fp8kit.core.errors import FP8KitError
 from fp8kit.core import graphs
 from fp8kit.core.graphs import (
@@ -305,7 +307,10 @@ def _assert_same_function(out, ref, fp8):
     ],
     ids=["dynamic-token-fastacc", "dynamic-tensor"],
 )
-def test_graph_replay_equals_eager_fp8_decode(config):
+def test_graph_replay_equals_eager_fp8_decode(config, monkeypatch):
+    # skinny.TABLE may pick another mode under capture than eagerly (last-bit differences): make them
+    # the same here, so that the replay must equal the eager step bit for bit.
+    monkeypatch.setattr(skinny, "TABLE", {key: dataclasses.replace(rule, graph=rule.eager) for key, rule in skinny.TABLE.items()})
     device = torch.device("cuda")
     model = make_tiny_llama(seed=2, attn_implementation="sdpa").to(device=device, dtype=torch.bfloat16)
     quantize(model, config)

@@ -406,24 +406,35 @@ FUSED_TILES = {"default": kernels.FusedTiles(), "split3-bn32": kernels.FusedTile
                "bn128-bk256": kernels.FusedTiles(block_n=128, block_k=256, num_stages=4)}  # fmt: skip
 
 
+def recip_quantize(x, scale):
+    """The fused kernel's FP8 activation (default tiles): cast(clamp(x * (1 / scale))), IEEE reciprocal."""
+    inverse = torch.ones_like(scale) / scale
+    return (x.float() * inverse).clamp(-448, 448).to(torch.float8_e4m3fn)
+
+
 def fused_inputs(m, n, k, act, bias_dtype):
-    """(x for the kernel, wq, ws, x_scale for the kernel, bias, (xq, xs) the quantize kernels give, seed)."""
+    """(x for the kernel, wq, ws, x_scale for the kernel, bias, (xq, xs) as the kernel quantizes x, seed)."""
     x_rowwise = act in ("token", "fp8-token")
     xq, wq, xs, ws, bias, seed = fp8_operands(m, n, k, x_rowwise, act != "static", bias_dtype)
     x = (xq.float() * xs).to(torch.bfloat16)  # bf16 activations (values on a scaled FP8 grid, mostly)
     x = x + torch.randn_like(x) * x.abs().amax() * 2**-12  # ... and off it
     if act == "static":
         xs = scaling.tensor_scale(x) * 0.8  # the largest values clamp
-        return x, wq, ws, xs, bias, (kernels.quantize_static(x, xs), xs), seed
-    q, s = (kernels.quantize_per_token if x_rowwise else kernels.quantize_per_tensor)(x)
+        return x, wq, ws, xs, bias, (recip_quantize(x, xs), xs), seed
+    q, s = (kernels.quantize_per_token if x_rowwise else kernels.quantize_per_tensor)(x)  # the same scale
     if act.startswith("fp8"):
         return q, wq, ws, s, bias, (q, s), seed
-    return x, wq, ws, None, bias, (q, s), seed
+    return x, wq, ws, None, bias, (recip_quantize(x, s), s), seed
 
 
-@pytest.mark.parametrize("tiles", list(FUSED_TILES))
-@pytest.mark.parametrize("act", ["static", "tensor", "token", "fp8-token", "fp8-tensor"])
-@pytest.mark.parametrize("shape", FUSED_SHAPES, ids=str)
+FUSED_ACTS = ["static", "tensor", "token", "fp8-token", "fp8-tensor"]
+# Every shape and scheme with the default tiles; the other tiles on one shape (compilations cost time).
+FUSED_CASES = [(shape, act, "default") for shape in FUSED_SHAPES for act in FUSED_ACTS] + [
+    ((16, 4096, 14336), act, tiles) for act in FUSED_ACTS for tiles in ("split3-bn32", "bn128-bk256")
+]
+
+
+@pytest.mark.parametrize("shape, act, tiles", FUSED_CASES, ids=[f"{s}-{a}-{t}" for s, a, t in FUSED_CASES])
 def test_fused_linear_vs_float64_every_scheme(shape, act, tiles):
     m, n, k = shape
     out_dtype = torch.float32 if m % 2 else torch.bfloat16
@@ -434,8 +445,9 @@ def test_fused_linear_vs_float64_every_scheme(shape, act, tiles):
     torch.cuda.synchronize()
     assert result is out
     assert not out.isnan().any(), f"unwritten (NaN-poisoned) elements remain, seed {seed}"
-    # The kernel quantizes x exactly as the quantize kernels do, so the reference is the float64 GEMM of
-    # their operands; Hopper's FP8 MMA accumulates with fewer bits than fp32 (2^-12 of the sum of |terms|).
+    # The reference is the float64 GEMM of the operands as the kernel quantizes them (the quantize kernels'
+    # scale; x times its IEEE reciprocal); Hopper's FP8 MMA accumulates with fewer bits than fp32 (2^-12
+    # of the sum of |terms|).
     ref, abs_sum = gemm_reference64(xq, wq, xs, ws, bias)
     finfo = torch.finfo(out_dtype)
     bound = 2**-12 * abs_sum + finfo.eps / 2 * ref.abs() + finfo.smallest_normal
@@ -452,8 +464,9 @@ def test_fused_linear_vs_float64_every_scheme(shape, act, tiles):
 def test_fused_linear_error_vs_float64_equals_the_existing_paths(m, n, k, act):
     # Against the exact product of the unquantized operands, the fused kernel's error is the existing
     # path's (quantize kernel + `_scaled_mm`, the same FP8 values): the quantization error, not the GEMM.
-    x, wq, ws, x_scale, _, (xq, xs), seed = fused_inputs(m, n, k, act, None)
+    x, wq, ws, x_scale, _, (_, xs), seed = fused_inputs(m, n, k, act, None)
     fused = kernels.fused_linear(x, wq, ws, act, x_scale=x_scale)
+    xq = kernels.quantize_static(x, xs) if act == "static" else scaling.quantize_activation(x, act)[0]
     existing = scaling.fp8_matmul(xq, wq, xs, ws, out_dtype=torch.bfloat16)
     exact = x.double() @ (wq.double() * ws.double().reshape(-1, 1)).t()
     e_fused, e_existing = (fused.double() - exact).norm(), (existing.double() - exact).norm()
@@ -476,7 +489,7 @@ def test_fp8linear_dispatch_to_the_fused_kernel_follows_the_table(config, monkey
     input_scale = scaling.tensor_scale(x_big) if config.activation == "static" else None
     plans, gemms = [], []
     real_plan, real_mm = skinny.plan_for, torch._scaled_mm
-    monkeypatch.setattr(skinny, "plan_for", lambda *a, **k: plans.append(a[1]) or real_plan(*a, **k))
+    monkeypatch.setattr(skinny, "plan_for", lambda *a, **k: plans.append((a[1], k["capturing"])) or real_plan(*a, **k))
     monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: gemms.append(a[0].shape[0]) or real_mm(*a, **k))
     fp8 = FP8Linear.from_linear(linear, config, input_scale)
     # Empty table (the default until measured): the existing path.
@@ -484,19 +497,44 @@ def test_fp8linear_dispatch_to_the_fused_kernel_follows_the_table(config, monkey
     x = x_big[:5]
     expected = emulate(linear.float(), x.float(), config, input_scale)
     out = fp8(x)
-    assert plans == [5] and gemms == [5]
+    assert plans == [(5, False), (5, True)] and gemms == [5]  # eager and capture modes both planned: no rule
     _fused_table(monkeypatch, block_n=32, split_k=2)
     fp8 = FP8Linear.from_linear(linear, config, input_scale)
     plans.clear(), gemms.clear()
     for _ in range(3):
         out = fp8(x)
-    assert plans == [5] and gemms == []  # planned once, then cached; no `_scaled_mm`
+    assert plans == [(5, False), (5, True)] and gemms == []  # planned once, then cached; no `_scaled_mm`
     tol = 2e-2
     torch.testing.assert_close(out.double(), expected.double().cuda(), rtol=tol, atol=tol * expected.abs().max().item())
     fp8(x_big)  # M = 40 > 16: the existing path
     assert gemms == [40]
     fp8(x_big[:16].reshape(2, 8, 1000))  # 3-D input of 16 rows: fused
-    assert plans == [5, 16] and gemms == [40]
+    assert plans == [(5, False), (5, True), (16, False), (16, True)] and gemms == [40]
+
+
+@pytest.mark.parametrize("scheme", ["token", "tensor"])
+def test_prequant_mode_under_capture_matches_the_quantize_kernels_operands(scheme, monkeypatch):
+    # The shipped table's capture mode for the dynamic schemes: quantize kernel + fused kernel on FP8 x.
+    monkeypatch.setattr(skinny, "TABLE", {(scheme, "small"): skinny.Rule(16, kernels.FusedTiles(block_n=32, split_k=4), graph="prequant")})
+    linear = nn.Linear(1000, 1040).to(device="cuda", dtype=torch.bfloat16)
+    config = QuantConfig(weight="channel", activation_granularity=scheme)
+    fp8 = FP8Linear.from_linear(linear, config)
+    static_x = fresh_input((6, 1000), torch.bfloat16)[0]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fp8(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fp8(static_x)
+    x, seed = fresh_input((6, 1000), torch.bfloat16)
+    static_x.copy_(x)
+    graph.replay()
+    xq, xs = scaling.quantize_activation(x, scheme)  # the quantize kernels' operands, bit for bit
+    ref, abs_sum = gemm_reference64(xq, fp8.weight, xs, fp8.weight_scale, fp8.bias)
+    bound = 2**-12 * abs_sum + 2**-8 * ref.abs() + 1e-30
+    assert ((out.double() - ref).abs() <= bound).all(), f"seed {seed}"
 
 
 def test_fused_fp8linear_is_cuda_graph_capturable_and_deterministic(monkeypatch):

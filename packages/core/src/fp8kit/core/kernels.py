@@ -697,7 +697,8 @@ def _define_fused_linear():
         x_ptr, w_ptr, sx_ptr, sw_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, K_SPLIT,
         FLOOR_BITS: tl.constexpr, ACT: tl.constexpr, SX_ROWS: tl.constexpr, SW_ROWS: tl.constexpr,
         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        SPLIT_K: tl.constexpr, AMAX_BLOCK_K: tl.constexpr, EXACT_DIV: tl.constexpr, EMULATE_CAST: tl.constexpr,
+        SPLIT_K: tl.constexpr, FLAT_AMAX: tl.constexpr, AMAX_BLOCK: tl.constexpr, AMAX_STAGES: tl.constexpr,
+        EXACT_DIV: tl.constexpr, EMULATE_CAST: tl.constexpr,
     ):  # fmt: skip
         # Program p: output columns of tile p // SPLIT_K, K range p % SPLIT_K (K_SPLIT columns, a
         # multiple of BLOCK_K). The GEMM is computed transposed (out.T = W @ xq.T, "swap AB"), so the
@@ -713,20 +714,21 @@ def _define_fused_linear():
         w_rows = w_ptr + cols.to(tl.int64)[:, None] * K  # (BLOCK_N, 1)
 
         # Activation scale: ACT 0 static (one fp32 at sx_ptr), 1 dynamic per-tensor, 2 dynamic per-token
-        # (every program reduces the whole x: M x K is small and L2-resident), 3 x already FP8
-        # (scale at sx_ptr, one or one per row).
-        if ACT == 1 or ACT == 2:
-            amax = tl.zeros([BLOCK_M, AMAX_BLOCK_K], dtype=tl.int32)
-            for k0 in range(0, K, AMAX_BLOCK_K):
-                ka = k0 + tl.arange(0, AMAX_BLOCK_K)
+        # (every program reduces the whole x: M x K is small and L2-resident; AMAX_BLOCK elements a step,
+        # a step costs about one L2 round trip), 3 x already FP8 (scale at sx_ptr, one or one per row).
+        if FLAT_AMAX:  # one scale over x's M * K contiguous elements (per-tensor, or per-token with M = 1)
+            bits = tl.zeros([AMAX_BLOCK], dtype=tl.int32)
+            for start in tl.range(0, M * K, AMAX_BLOCK, num_stages=AMAX_STAGES):
+                offs = start + tl.arange(0, AMAX_BLOCK)
+                bits = tl.maximum(bits, _abs_bits(tl.load(x_ptr + offs, mask=offs < M * K, other=0.0)))
+            x_scale = _scale_from_bits(tl.max(bits, axis=0), FLOOR_BITS) + tl.zeros([BLOCK_M], dtype=tl.float32)
+        elif ACT == 2:  # one scale per row: [BLOCK_M, AMAX_BLOCK] tiles (AMAX_BLOCK columns), reduced as they come
+            bits = tl.zeros([BLOCK_M], dtype=tl.int32)
+            for k0 in tl.range(0, K, AMAX_BLOCK, num_stages=AMAX_STAGES):
+                ka = k0 + tl.arange(0, AMAX_BLOCK)
                 xa = tl.load(x_rows + ka[None, :], mask=row_mask[:, None] & (ka < K)[None, :], other=0.0)
-                amax = tl.maximum(amax, _abs_bits(xa))
-            if ACT == 2:
-                x_scale = _scale_from_bits(tl.max(amax, axis=1), FLOOR_BITS)  # (BLOCK_M,)
-            else:
-                x_scale = _scale_from_bits(tl.max(tl.max(amax, axis=1), axis=0), FLOOR_BITS) + tl.zeros(
-                    [BLOCK_M], dtype=tl.float32
-                )
+                bits = tl.maximum(bits, tl.max(_abs_bits(xa), axis=1))
+            x_scale = _scale_from_bits(bits, FLOOR_BITS)  # (BLOCK_M,)
         elif SX_ROWS:
             x_scale = tl.load(sx_ptr + rows, mask=row_mask, other=1.0)
         else:
@@ -797,9 +799,12 @@ class FusedTiles:
 
     block_n: output columns per program (the MMA's M side; >= 16); block_k: K columns per step (>= 32);
     split_k: K ranges per output tile, reduced in split order by the last program to finish the tile;
-    amax_block_k: columns per step of the dynamic-scale reduction; num_warps / num_stages: Triton's;
-    exact_div: quantize with an IEEE division (the quantize kernels' FP8 values) instead of a multiply
-    by the reciprocal (cheaper; a value within an fp32 ulp of a rounding boundary can round the other way).
+    amax_block: elements per step of the dynamic-scale reduction (each step is about one L2 round trip);
+    amax_stages: its software pipelining (`tl.range` num_stages; 1 = none); num_warps / num_stages: the
+    kernel's; exact_div: quantize with an IEEE division (the quantize kernels' FP8 values) instead of a
+    multiply by the IEEE reciprocal (what runs by default: the division costs ~10x the kernel's time on an
+    H200, tools/gpu/fused_decode_check.py; a value within an fp32 ulp of a rounding boundary can round the
+    other way, about 3 elements in 10^4).
     """
 
     block_n: int = 64
@@ -807,8 +812,9 @@ class FusedTiles:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
-    amax_block_k: int = 512
-    exact_div: bool = True
+    amax_block: int = 16384
+    amax_stages: int = 1
+    exact_div: bool = False
 
 
 # Split-K workspace per device: (fp32 partial sums, int32 per-tile arrival counters, all zero between
@@ -937,10 +943,16 @@ def fused_plan(
     plan.grid = tiles_n * split_k
     plan.k_split = k_split
     plan.num_warps, plan.num_stages = tiles.num_warps, tiles.num_stages
-    amax_block = min(_next_pow2(k), max(16, tiles.amax_block_k))
+    act = FUSED_ACTIVATIONS[activation]
+    flat_amax = act == 1 or (act == 2 and m == 1)
+    # The reduction step: up to amax_block elements (flat), or columns of BLOCK_M rows making about as many.
+    if flat_amax:
+        amax_block = max(16, min(_next_pow2(m * k), _next_pow2(tiles.amax_block)))
+    else:
+        amax_block = max(16, min(_next_pow2(k), _next_pow2(tiles.amax_block) // block_m))
     plan.consts = (
-        _FLOOR_BITS, FUSED_ACTIVATIONS[activation], x_scale_rows, weight_scale_rows, has_bias,
-        block_m, tiles.block_n, tiles.block_k, split_k, amax_block, tiles.exact_div, _interpreting(),
+        _FLOOR_BITS, act, x_scale_rows, weight_scale_rows, has_bias, block_m, tiles.block_n, tiles.block_k, split_k,
+        flat_amax, amax_block, tiles.amax_stages, tiles.exact_div, _interpreting(),
     )  # fmt: skip
     plan.ws, plan.cnt = workspace
     plan._direct = None

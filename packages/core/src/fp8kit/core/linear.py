@@ -155,19 +155,54 @@ class FP8Linear(FixedDtypeBuffers):
         return out if flat else out.reshape(*x.shape[:-1], self.out_features)
 
     def _fused(self, x2d: torch.Tensor) -> torch.Tensor | None:
-        """The fused skinny-M kernel's output for x2d [M, K] (CUDA), or None where it does not run."""
-        key = (x2d.shape[0], x2d.dtype, x2d.device)
-        plan = self._skinny_plans.get(key, _MISSING)
-        if plan is _MISSING:
-            plan = skinny.plan_for(
-                self._skinny_scheme, key[0], self.out_features, self.in_features, x_dtype=x2d.dtype,
-                weight_scale_rows=self.weight_scale.dim() != 0, has_bias=self.bias is not None, device=x2d.device,
-            )  # fmt: skip
-            if plan is not None or not torch.cuda.is_current_stream_capturing():  # None in capture: ask again later
-                self._skinny_plans[key] = plan
-        if plan is None or not x2d.is_contiguous():
+        """The fused skinny-M kernel's output for x2d [M, K] (CUDA), or None where it does not run.
+
+        Plans are cached per (M, dtype, device, inside CUDA-graph capture or not): `skinny.TABLE` may
+        choose another mode under capture (see `skinny.Rule`), so a replay can differ from an eager call
+        in the last bits (the same FP8 error bound). The first eager call also compiles the capture-mode
+        plan, so that no Triton compilation happens inside a capture.
+        """
+        capturing = torch.cuda.is_current_stream_capturing()
+        key = (x2d.shape[0], x2d.dtype, x2d.device, capturing)
+        entry = self._skinny_plans.get(key, _MISSING)
+        if entry is _MISSING:
+            out = self._plan(key, x2d)
+            if not capturing:
+                self._plan((*key[:3], True), x2d)  # compile the capture-mode plan now, outside capture
+            return out
+        if entry is None or not x2d.is_contiguous():
             return None
+        return self._run(entry, x2d)
+
+    def _run(self, entry: tuple, x2d: torch.Tensor) -> torch.Tensor:
+        mode, plan = entry
+        if mode == "prequant":
+            x_fp8, x_scale = scaling.quantize_activation(x2d, self.activation_granularity)
+            return plan(x_fp8, self.weight, self.weight_scale, x_scale, self.bias)
         return plan(x2d, self.weight, self.weight_scale, self.input_scale, self.bias)
+
+    def _plan(self, key: tuple, x2d: torch.Tensor) -> torch.Tensor | None:
+        """Plan `key` (see `_fused`), run it once (Triton compiles here) and cache it; a plan that fails
+        to run is logged once and cached as None, so the layer keeps the existing path."""
+        if key in self._skinny_plans:
+            return None
+        m, dtype, device, capturing = key
+        entry = skinny.plan_for(
+            self._skinny_scheme, m, self.out_features, self.in_features, x_dtype=dtype,
+            weight_scale_rows=self.weight_scale.dim() != 0, has_bias=self.bias is not None, device=device,
+            capturing=capturing,
+        )  # fmt: skip
+        out = None
+        if entry is not None:
+            try:
+                out = self._run(entry, x2d.contiguous())
+            except Exception as exc:  # noqa: BLE001 - e.g. a Triton that cannot compile it
+                skinny.warn_once(f"the fused skinny-M path failed for M={m} x [{self.out_features}, {self.in_features}] "
+                                 f"({entry[0]}); this layer keeps the existing path: {type(exc).__name__}: {exc}")  # fmt: skip
+                entry = None
+        if entry is not None or not torch.cuda.is_current_stream_capturing():  # None in capture: ask again later
+            self._skinny_plans[key] = entry
+        return out
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

@@ -5,13 +5,15 @@ At decode sizes (M of a few rows) an FP8 linear is bound by reading its weight, 
 about 2 µs each under CUDA graphs and 10-30 µs each of host time eagerly. The fused kernel quantizes
 the activation, streams the FP8 weight and applies both scales in one launch. Whether that is faster
 depends on the scheme (the dynamic ones reduce the whole activation in every program), M and the
-weight's shape, so the choice is a table per (scheme, shape class), filled from GPU runs of
+weight's shape, and differs inside and outside CUDA-graph capture, so the choice is a table per
+(scheme, shape class) with an eager and a graph mode, filled from GPU runs of
 `tools/gpu/fused_decode_check.py` (numbers in docs/dev/kernels-notes.md). A (scheme, class) that is not
 in the table keeps the existing path.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -19,28 +21,68 @@ import torch
 from . import kernels
 from .kernels import FusedTiles
 
-__all__ = ["Rule", "TABLE", "MAX_M", "ENABLED", "scheme_of", "shape_class", "rule_for", "plan_for"]
+logger = logging.getLogger(__name__)
+_warned: set[str] = set()
+
+__all__ = ["MODES", "Rule", "TABLE", "MAX_M", "ENABLED", "scheme_of", "shape_class", "rule_for", "plan_for", "warn_once"]
+
+
+#: How a skinny linear runs: "fused" (one launch: `kernels.fused_linear` quantizes x itself), "prequant"
+#: (two: the quantize kernel, then the fused kernel on the FP8 x, scales in its epilogue) or "existing"
+#: (quantize kernel + `scaling.fp8_matmul`: `_scaled_mm`, and for row-wise scales its scale epilogue).
+MODES = ("fused", "prequant", "existing")
 
 
 @dataclass(frozen=True)
 class Rule:
-    """Run the fused kernel for M <= max_m with these tiles; ``tiles.split_k == 0`` picks split-K so that
-    the grid has about `programs_per_sm` programs per multiprocessor (at most `max_split_k`)."""
+    """For M <= max_m: `eager` is the mode of direct calls, `graph` the mode inside CUDA-graph capture (the
+    dynamic schemes' fused kernel reduces all of x in every program, which costs more device time than a
+    separate quantize launch does under a graph, but less host time than one more launch does eagerly).
+    ``tiles.split_k == 0`` picks split-K so that the grid has about `programs_per_sm` programs per
+    multiprocessor (at most `max_split_k`)."""
 
     max_m: int
     tiles: FusedTiles
+    eager: str = "fused"
+    graph: str = "fused"
     programs_per_sm: float = 1.0
     max_split_k: int = 8
 
 
+def _tiles_of(block_n: int, split_k: int) -> FusedTiles:
+    return FusedTiles(block_n=block_n, block_k=256, split_k=split_k)
+
+
+# Tiles per shape class, the fastest of tools/gpu/fused_decode_check.py's sweep on an H200 (run A,
+# 2026-12-01: docs/dev/kernels-notes.md): 128 x 256 tiles, split-K 4 where N <= 4096, 32-column tiles
+# with split-K 8 for the small k / v projections.
+_TILES = {"wide": _tiles_of(128, 1), "deep": _tiles_of(128, 4), "square": _tiles_of(128, 4), "small": _tiles_of(32, 8)}
+
 #: (scheme, shape class) -> Rule. Scheme: "static" (calibrated per-tensor activation scale), "tensor"
-#: (dynamic per-tensor), "token" (dynamic per-token); shape class: `shape_class(N, K)`. Empty until
-#: measured: every linear then takes the existing path.
-TABLE: dict[tuple[str, str], Rule] = {}
+#: (dynamic per-tensor), "token" (dynamic per-token); shape class: `shape_class(N, K)`. A pair missing
+#: here takes the existing path. Filled from the H200 run above (µs per call under CUDA graphs, M = 1 /
+#: 8 / 16, existing -> chosen): static fused everywhere (14336 x 4096: 19.8 -> 18.7-19.2; 4096 x 14336:
+#: 22.4-22.9 -> 19.9-20.9; 1024 x 4096: 7.5 -> 6.3; 4096 x 4096: a tie, 9.0-9.2 vs 9.0-9.5); per-token
+#: under graphs prequant everywhere (22.1-22.7 -> 20.2-20.7; 27.0-28.6 -> 23.7-25.0; 11.3-11.4 ->
+#: 10.4-11.0; 9.6-16.5 -> 7.4-7.6); per-tensor under graphs prequant except 4096 x 4096, where the
+#: existing path is 0.5-1 µs faster. Eagerly every scheme runs fused: one launch instead of 2-3 (host
+#: µs per FP8 call: ~20 fused, 45-150 existing).
+TABLE: dict[tuple[str, str], Rule] = {
+    **{("static", cls): Rule(16, tiles) for cls, tiles in _TILES.items()},
+    **{("token", cls): Rule(16, tiles, graph="prequant") for cls, tiles in _TILES.items()},
+    **{("tensor", cls): Rule(16, tiles, graph="existing" if cls == "square" else "prequant") for cls, tiles in _TILES.items()},
+}
 #: No rule goes above this M (a cheap first test in `FP8Linear.forward`); the kernel takes M <= 64.
 MAX_M = 16
 #: Switch the fused path off everywhere (benchmarks of the existing path, bisecting).
 ENABLED = True
+
+
+def warn_once(message: str) -> None:
+    """Log `message` once per process (a layer falling back to the existing path)."""
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
 
 
 def scheme_of(activation: str, activation_granularity: str, weight_granularity: str) -> str | None:
@@ -92,19 +134,26 @@ def plan_for(
     weight_scale_rows: bool,
     has_bias: bool,
     device: torch.device,
-) -> kernels.FusedPlan | None:
-    """A launch plan of the fused kernel where the table says it is faster, else None.
+    capturing: bool = False,
+) -> tuple[str, kernels.FusedPlan] | None:
+    """(mode, launch plan) of the fused kernel where the table says it is faster, else None (existing path).
 
-    None also where the kernels cannot run on `device` (CPU, compute capability < 8.9, no triton) and
-    for an input dtype the kernel does not take. May return None during CUDA-graph capture (see
-    `kernels.fused_plan`): callers then take the existing path for that call and ask again later.
+    mode "fused": the plan takes the high-precision x; "prequant": the plan takes x quantized by
+    `scaling.quantize_activation` (FP8 [M, K] and its scale). `capturing`: inside CUDA-graph capture
+    (the rule's `graph` mode), else its `eager` mode. None also where the kernels cannot run on `device`
+    (CPU, compute capability < 8.9, no triton) and for an input dtype the kernel does not take; and
+    possibly during capture (see `kernels.fused_plan`): callers then take the existing path and ask later.
     """
     rule = rule_for(scheme, m, n, k)
     if rule is None or x_dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return None
-    if kernels.unavailable_reason(device) is not None:
+    mode = rule.graph if capturing else rule.eager
+    if mode == "existing" or kernels.unavailable_reason(device) is not None:
         return None
-    return kernels.fused_plan(
-        m, n, k, scheme, x_dtype=x_dtype, out_dtype=x_dtype, weight_scale_rows=weight_scale_rows,
-        has_bias=has_bias, device=device, tiles=_tiles(rule, n, k, device),
+    prequant = mode == "prequant"
+    plan = kernels.fused_plan(
+        m, n, k, "fp8" if prequant else scheme, x_dtype=kernels._FP8_DTYPE if prequant else x_dtype,
+        out_dtype=x_dtype, x_scale_rows=prequant and scheme == "token" and m > 1,
+        weight_scale_rows=weight_scale_rows, has_bias=has_bias, device=device, tiles=_tiles(rule, n, k, device),
     )  # fmt: skip
+    return None if plan is None else (mode, plan)
