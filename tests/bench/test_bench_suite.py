@@ -345,10 +345,14 @@ def test_h200_decode_suite_expands_to_the_issue_grid():
     decode = set(parts["decode"].backends)
     for scheme in ("fp8-dynamic-token", "fp8-static-tensor", "fp8-dynamic-tensor", "torch-bf16"):
         assert {scheme, scheme + "-graph"} <= decode  # eager chains and CUDA graphs
-    assert set(TORCHAO_BACKENDS) <= decode  # the peer beside every mode
-    assert {"torchao-fp8-row", "torchao-fp8-tensor-compiled"} <= set(parts["prefill"].backends)
+    assert {"scaled-mm-rowwise-fastacc-graph", "scaled-mm-tensor-fastacc-graph"} <= decode  # the GEMM ceilings
+    peers = {p.target: p for p in suite_parts("h200-peers")}
+    assert {b for b in TORCHAO_BACKENDS if "compiled" not in b} <= set(peers["decode"].backends)  # eager, replayed
+    assert {"torch-bf16", "torch-bf16-graph", "fp8-dynamic-token-graph"} <= set(peers["decode"].backends)
+    assert peers["decode"].workloads == parts["decode"].workloads and peers["decode"].rotate_bytes == parts["decode"].rotate_bytes
+    assert {"torchao-fp8-row", "torchao-fp8-tensor", "torch-bf16"} <= set(peers["prefill"].backends)
     assert {"copy", "quant-dynamic-token", "quant-dynamic-token-graph"} <= set(parts["quant"].backends)
-    for part in parts.values():
+    for part in [*parts.values(), *peers.values()]:
         for backend_id in part.backends:
             get_backend(backend_id)
 

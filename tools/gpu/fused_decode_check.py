@@ -95,7 +95,7 @@ def correctness(out_dir: Path, budget_s: float) -> None:
     table = Csv(out_dir / "correctness.csv")
     end = time.monotonic() + budget_s
     cases = CASES if DEVICE == "cuda" else [(1, 96, 64), (5, 33, 100), (17, 64, 160)]
-    tiles_list = [kernels.FusedTiles(), kernels.FusedTiles(block_n=32, split_k=4), kernels.FusedTiles(exact_div=False)]
+    tiles_list = [kernels.FusedTiles(), kernels.FusedTiles(block_n=32, split_k=4), kernels.FusedTiles(exact_div=True)]
     for (m, n, k), act, tiles in itertools.product(cases, ("static", "tensor", "token", "fp8"), tiles_list):
         if time.monotonic() > end or left() < 0:
             print("correctness: out of time", flush=True)
@@ -193,7 +193,7 @@ def sweep(out_dir: Path, budget_s: float) -> dict:
             variants = [
                 kernels.FusedTiles(**{**base.__dict__, **change})
                 for change in ({"num_stages": 2}, {"num_stages": 4}, {"num_stages": 5}, {"num_warps": 8},
-                               {"exact_div": False}, {"amax_block_k": 2048})  # fmt: skip
+                               {"exact_div": True}, {"amax_block": 4096}, {"amax_stages": 3})  # fmt: skip
             ]
             for tiles in variants:
                 if time.monotonic() > end or left() < 0:

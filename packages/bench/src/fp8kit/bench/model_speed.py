@@ -122,6 +122,7 @@ class ModelSpeedConfig:
     phases: tuple[str, ...] = DEFAULT_PHASES  # which of "prefill" / "decode" / "generate" to run
     gqa_attention: bool = True  # every model (bf16 and FP8) on fp8kit's "fp8kit_sdpa_gqa" attention
     generate_tokens: int = 64  # new tokens per `model.generate` call (phase "generate")
+    generate_compile: bool = True  # also the "generate" rows (transformers may compile: slow to warm up)
 
     def __post_init__(self) -> None:
         if (
@@ -592,11 +593,12 @@ def _generate_rows(
             if reason is None:
                 logger.exception("could not quantize %s for %s", name, backend_id)
             status = f"not run: {reason}" if reason is not None else error_status(exc)
-            for variant in ("generate", "generate-eager"):
+            for variant in ("generate", "generate-eager") if sizes.generate_compile else ("generate-eager",):
                 rows.append({**_base_row(f"model:{name}:{variant}", backend_id, label, sizes.decode_batch, shape, device),
                              "status": status})  # fmt: skip
             continue
-        for variant, disable_compile in (("generate", False), ("generate-eager", True)):
+        variants = (("generate", False), ("generate-eager", True)) if sizes.generate_compile else (("generate-eager", True),)
+        for variant, disable_compile in variants:
             row = _base_row(f"model:{name}:{variant}", backend_id, label, sizes.decode_batch, shape, device)
             kwargs = dict(
                 input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
@@ -766,6 +768,9 @@ def add_cli_arguments(parser: Any) -> None:
     parser.add_argument("--decode-batch", type=int, default=8, help="--models: sequences per decode step / generate call")
     parser.add_argument("--generate-tokens", type=int, default=64, help="--models: new tokens per model.generate call")
     parser.add_argument(
+        "--generate-eager-only", action="store_true", help="--models generate phase: only the disable_compile=True rows"
+    )
+    parser.add_argument(
         "--stock-attention",
         action="store_true",
         help="--models on transformers' own \"sdpa\" attention (copies the KV cache per layer in decode) instead "
@@ -798,6 +803,7 @@ def run_cli(args: Any, command: str) -> int:
         gqa_attention=not args.stock_attention,
         decode_batch=args.decode_batch,
         generate_tokens=args.generate_tokens,
+        generate_compile=not args.generate_eager_only,
     )
     frame = run_model_speed(
         models, device=device, backends=backends, sizes=sizes, timing=timing, quantize_layers=args.quantize_layers

@@ -345,22 +345,27 @@ BLOCK_DECODE_BACKENDS: tuple[str, ...] = tuple(b + "-graph" for b in _BLOCK_LINE
 _BLOCK_SHAPES = (("square-8192", 8192, 8192), ("gate_proj/up_proj", 14336, 4096), ("down_proj", 4096, 14336))
 
 # Issue 16 (h200-decode): the kernels beside a copy; prefill with fast accumulation (torchao's default)
-# and without; decode eager and replayed, with compiled fp8kit and torchao rows.
+# and without; decode eager and replayed (compiled rows: H200_DECODE_COMPILED).
 _KERNEL_QUANT_BACKENDS: tuple[str, ...] = ("copy", "copy-graph") + tuple(
     f"quant-{s}{g}" for s in _QUANT_SCHEMES for g in ("", "-graph")
 )
-H200_PREFILL_BACKENDS: tuple[str, ...] = (
-    ("torch-bf16", "torch-bf16-compiled") + FP8_LINEAR_BACKENDS + SCALED_MM_BACKENDS
-    + tuple(b for b in TORCHAO_BACKENDS if not b.endswith("-graph"))
-)  # fmt: skip
+H200_PREFILL_BACKENDS: tuple[str, ...] = ("torch-bf16",) + FP8_LINEAR_BACKENDS + SCALED_MM_BACKENDS
 _H200_DECODE_EAGER = ("torch-bf16",) + tuple(f"fp8-{s}" for s in _FP8_SCHEMES)
 H200_DECODE_BACKENDS: tuple[str, ...] = (
     _H200_DECODE_EAGER
     + tuple(b + "-graph" for b in _H200_DECODE_EAGER)
-    + ("scaled-mm-rowwise-fastacc-graph", "scaled-mm-tensor-fastacc-graph", "torch-bf16-compiled-graph")
-    + ("fp8-dynamic-token-fastacc-compiled-graph", "fp8-static-tensor-fastacc-compiled-graph")
-    + TORCHAO_BACKENDS
+    + ("scaled-mm-rowwise-fastacc-graph", "scaled-mm-tensor-fastacc-graph")
 )  # fmt: skip
+# h200-peers: torchao beside fp8kit's dynamic schemes and bf16, eager and replayed, in one process.
+_PEER_EAGER = ("torch-bf16", "fp8-dynamic-token", "fp8-dynamic-tensor", "torchao-fp8-row", "torchao-fp8-tensor")
+H200_PEER_DECODE_BACKENDS: tuple[str, ...] = _PEER_EAGER + tuple(b + "-graph" for b in _PEER_EAGER)
+H200_PEER_PREFILL_BACKENDS: tuple[str, ...] = (
+    "torch-bf16", "fp8-dynamic-token-fastacc", "fp8-dynamic-tensor-fastacc", "torchao-fp8-row", "torchao-fp8-tensor",
+)  # fmt: skip
+# The compiled rows beside them (each compiles per shape: minutes; `--backends` adds them to a run).
+H200_DECODE_COMPILED: tuple[str, ...] = (
+    "torch-bf16-compiled-graph", "fp8-dynamic-token-fastacc-compiled-graph", "fp8-static-tensor-fastacc-compiled-graph",
+) + tuple(b for b in TORCHAO_BACKENDS if "-compiled" in b)  # fmt: skip
 
 SUITES: dict[str, tuple[SuitePart, ...]] = {
     # Issue 5, targets 1-3 (about 5 minutes on one H100).
@@ -391,12 +396,17 @@ SUITES: dict[str, tuple[SuitePart, ...]] = {
         SuitePart("decode", _linears("decode", _BLOCK_SHAPES, _DECODE_M), BLOCK_DECODE_BACKENDS, rotate_bytes=512 * 2**20),
     ),
     # Issue 16 on an H200: decode M = 1, 8, 16 on gate/up and down (eager chains and CUDA graphs, weights
-    # rotated from HBM; FP8Linear takes the fused skinny-M kernel where `skinny.TABLE` says so), torchao
-    # beside fp8kit, and the no-regression rows: 8192^3 prefill and the quantization kernels.
+    # rotated from HBM; FP8Linear takes the fused skinny-M kernel where `skinny.TABLE` says so), and the
+    # no-regression rows: 8192^3 prefill and the quantization kernels. torchao: "h200-peers".
     "h200-decode": (
         SuitePart("quant", _quant([(8192, 8192)] + [(m, 4096) for m in _DECODE_M]), _KERNEL_QUANT_BACKENDS),
         SuitePart("prefill", _linears("prefill", _PREFILL_SHAPES[:1], (8192,)), H200_PREFILL_BACKENDS),
         SuitePart("decode", _linears("decode", _DECODE_SHAPES, _DECODE_M), H200_DECODE_BACKENDS, rotate_bytes=512 * 2**20),
+    ),
+    # Issue 16's peer rows: torchao's FP8 inference beside fp8kit on the same decode grid and 8192^3 prefill.
+    "h200-peers": (
+        SuitePart("prefill", _linears("prefill", _PREFILL_SHAPES[:1], (8192,)), H200_PEER_PREFILL_BACKENDS),
+        SuitePart("decode", _linears("decode", _DECODE_SHAPES, _DECODE_M), H200_PEER_DECODE_BACKENDS, rotate_bytes=512 * 2**20),
     ),
     # The same structure on tiny shapes for CPU runs and tests (seconds).
     "cpu-speed": (

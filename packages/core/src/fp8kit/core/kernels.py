@@ -807,8 +807,8 @@ class FusedTiles:
     other way, about 3 elements in 10^4).
     """
 
-    block_n: int = 64
-    block_k: int = 128
+    block_n: int = 128
+    block_k: int = 256
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
