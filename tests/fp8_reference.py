@@ -5,7 +5,7 @@ from torch import nn
 
 from fp8kit.core import QuantConfig
 from fp8kit.core.experts import canonical_weight, experts_layout, gate_function
-from fp8kit.core.scaling import block_scale, dequantize, quantize, rowwise_scale, tensor_scale
+from fp8kit.core.scaling import block_scale, dequantize, quantize, round_up_to_dtype, rowwise_scale, tensor_scale
 
 SCHEMES = {
     "dynamic-tensor/w-tensor": QuantConfig(),
@@ -25,7 +25,7 @@ def emulate(linear: nn.Linear, x: torch.Tensor, config: QuantConfig, input_scale
     x2 = x.reshape(-1, x.shape[-1])
     if config.weight == "block":  # 128 x 128 weight blocks, 1 x 128 activation groups (edge blocks partial)
         wb, xb = config.block_size, (1, config.group_size)
-        ws, xs = block_scale(w, wb), block_scale(x2, xb)
+        ws, xs = round_up_to_dtype(block_scale(w, wb), w.dtype), block_scale(x2, xb)  # weight scales exact in w's dtype
         out = dequantize(quantize(x2, xs, block=xb), xs, torch.float64, block=xb) @ dequantize(
             quantize(w, ws, block=wb), ws, torch.float64, block=wb
         ).T

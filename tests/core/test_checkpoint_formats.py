@@ -26,13 +26,16 @@ SCHEMES = {
     "channel-dynamic": QuantConfig(weight="channel"),
     "channel-token": QuantConfig(weight="channel", activation_granularity="token", use_fast_accum=True),
     "channel-static-kv": QuantConfig(weight="channel", activation="static", kv_cache=True),
+    "block": QuantConfig(weight="block", activation_granularity="group"),  # tiny Llama: every block partial
+    "block-64x32-kv": QuantConfig(weight="block", activation_granularity="group", block_size=(64, 32), group_size=32, kv_cache=True),
 }
 CASES = [(f, s) for f in FORMATS for s in SCHEMES if not (f == "fp8" and SCHEMES[s].weight == "channel")]
 LAYER = "model.layers.0.self_attn.k_proj"  # N=32, K=64
+DIVISIBLE_K = dict(hidden_size=128, intermediate_size=256)  # every K a multiple of 128; k/v_proj N=64 partial
 ATTN = "model.layers.0.self_attn"
 CT_FIX = (
-    "fp8kit reads symmetric 8-bit float (FP8 E4M3) quantization: weights per tensor or per channel, "
-    "activations dynamic per tensor / per token or static per tensor"
+    "fp8kit reads symmetric 8-bit float (FP8 E4M3) quantization: weights per tensor, per channel or in "
+    "2-D blocks, activations dynamic per tensor / per token / per group (with block weights) or static per tensor"
 )
 
 
@@ -104,8 +107,8 @@ def test_fp8_format_refuses_per_channel_weights_with_a_pointer(tmp_path):
         save_quantized(model, tmp_path / "ckpt")
     assert str(info.value) == (
         "save_quantized: per-channel weight scales cannot be written in the AutoFP8 / vLLM 'fp8' format "
-        "(it holds one scale per weight; vLLM would misread [N,1] scales). Quantize with weight='tensor', "
-        "or save with format='compressed-tensors'"
+        "(it holds one scale per weight or per 128 x 128 block; vLLM would misread [N,1] scales). Quantize "
+        "with weight='tensor' or 'block', or save with format='compressed-tensors'"
     )
     assert not (tmp_path / "ckpt").exists()
 
@@ -120,10 +123,10 @@ def test_unknown_format_is_refused(tmp_path):
 # --------------------------------------------------------------------------- exact layout
 
 
-def ct_args(strategy, dynamic):
+def ct_args(strategy, dynamic, group_size=None, block_structure=None):
     return {
-        "num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "strategy": strategy,
-        "block_structure": None, "dynamic": dynamic, "actorder": None,
+        "num_bits": 8, "type": "float", "symmetric": True, "group_size": group_size, "strategy": strategy,
+        "block_structure": block_structure, "dynamic": dynamic, "actorder": None,
         "observer": None if dynamic else "minmax", "observer_kwargs": {},
     }
 
@@ -176,14 +179,20 @@ def test_compressed_tensors_args_per_scheme(scheme, tmp_path):
     model = quantized_llama(config)
     save_quantized(model, tmp_path / "ckpt", format="compressed-tensors")
     group = read_qc(tmp_path / "ckpt")["config_groups"]["group_0"]
-    assert group["weights"] == ct_args(config.weight, False)
+    block = config.weight == "block"
+    assert group["weights"] == ct_args(config.weight, False, block_structure=list(config.block_size) if block else None)
     if config.activation == "static":
         assert group["input_activations"] == ct_args("tensor", False)
+    elif block:  # llm-compressor's FP8_BLOCK: dynamic 1 x group_size activation groups
+        assert group["input_activations"] == ct_args("group", True, group_size=config.group_size)
     else:
         assert group["input_activations"] == ct_args(config.activation_granularity, True)
     tensors = read_tensors(tmp_path / "ckpt")
     assert (f"{LAYER}.input_scale" in tensors) == (config.activation == "static")  # dynamic: none stored
-    assert tuple(tensors[f"{LAYER}.weight_scale"].shape) == ((32, 1) if config.weight == "channel" else (1,))
+    bn, bk = config.block_size
+    expected = (-(-32 // bn), -(-64 // bk)) if block else (32, 1) if config.weight == "channel" else (1,)
+    assert tuple(tensors[f"{LAYER}.weight_scale"].shape) == expected
+    assert tensors[f"{LAYER}.weight_scale"].dtype == torch.float32  # the fp32 model's dtype
     assert (f"{ATTN}.k_scale" in tensors) == config.kv_cache
 
 
@@ -229,7 +238,8 @@ def test_compressed_tensors_package_reads_our_checkpoint(scheme, tmp_path):
     from transformers import AutoModelForCausalLM
 
     config = SCHEMES[scheme]
-    model = quantized_llama(config)
+    # compressed-tensors' block forward needs K divisible by the block's K (partial rows are fine).
+    model = quantized_llama(config, **(DIVISIBLE_K if scheme == "block" else {}))
     save_quantized(model, tmp_path / "ckpt", format="compressed-tensors")
 
     # Its own schema parses the config (pydantic, extra keys such as "fp8kit" ignored).
@@ -272,7 +282,8 @@ def test_compressed_tensors_package_reads_our_checkpoint(scheme, tmp_path):
     ModelCompressor.from_compression_config(hf.config.quantization_config).decompress_model(hf)
     for name in model.fp8kit_report.quantized:
         ours = model.get_submodule(name)
-        assert torch.equal(hf.get_submodule(name).weight, scaling.dequantize(ours.weight, ours.weight_scale)), name
+        block = ours.block_size if ours.weight_granularity == "block" else None
+        assert torch.equal(hf.get_submodule(name).weight, scaling.dequantize(ours.weight, ours.weight_scale, block=block)), name
     # Same FP8 operands, fp32 products on both sides; only the summation order may differ.
     torch.testing.assert_close(logits(hf), logits(model), rtol=1e-5, atol=1e-5)
 
@@ -459,10 +470,26 @@ UNSUPPORTED = {
     # schemes inside an unpacked format
     "int8 args": (lambda: preset("W8A8", "float-quantized"), {}, f"quantization_config.config_groups.group_0.weights has unsupported type='int'; {CT_FIX}"),
     "int4 group asym": (lambda: preset("W4A16_ASYM", "naive-quantized"), {}, f"quantization_config.config_groups.group_0.weights has unsupported num_bits=4, type='int', symmetric=false (asymmetric, with zero points), strategy='group'; {CT_FIX}"),
-    "fp8 block": (lambda: preset("FP8_BLOCK"), {}, f"quantization_config.config_groups.group_0.weights has unsupported strategy='block', block_structure=[128, 128]; {CT_FIX}"),
-    "fp8 group activations": (
+    "fp8 group activations with channel weights": (
         lambda: {**preset("FP8_DYNAMIC"), "input_activations": preset("FP8_BLOCK")["input_activations"]}, {},
-        f"quantization_config.config_groups.group_0.input_activations has unsupported strategy='group'; {CT_FIX}",
+        "invalid quantization_config: QuantConfig: weight='channel' with activation_granularity='group': block weights "
+        "go with 1 x group_size activation groups and nothing else (the pairing torch's block-wise GEMM, vLLM and "
+        "transformers run); use weight='block', activation_granularity='group'",
+    ),
+    "fp8 block without a block structure": (
+        lambda: {**preset("FP8_BLOCK"), "weights": {**preset("FP8_BLOCK")["weights"], "block_structure": None}}, {},
+        f"quantization_config.config_groups.group_0.weights has unsupported block_structure=None (two positive ints needed); {CT_FIX}",
+    ),
+    "fp8 block with groups of another size": (
+        lambda: {**preset("FP8_BLOCK"), "input_activations": {**preset("FP8_BLOCK")["input_activations"], "group_size": 64}}, {},
+        "invalid quantization_config: QuantConfig.group_size=64 must equal block_size[1]=128 (the activation groups "
+        "along K line up with the weight blocks, as every block-wise FP8 GEMM needs)",
+    ),
+    "fp8 block with static activations": (
+        lambda: {**preset("FP8_BLOCK"), "input_activations": preset("FP8")["input_activations"]}, {},
+        "invalid quantization_config: QuantConfig: weight='block' needs activation='dynamic': block-wise checkpoints "
+        "quantize activations per 1 x group_size group at run time (vLLM, transformers and torch's block-wise GEMM "
+        "take no static scales); use activation='dynamic', activation_granularity='group'",
     ),
     "asymmetric fp8": (
         lambda: {**preset("FP8_DYNAMIC"), "weights": {**preset("FP8_DYNAMIC")["weights"], "symmetric": False}}, {},

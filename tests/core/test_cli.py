@@ -47,6 +47,9 @@ def test_static_with_calibration_file_and_kv(tiny_llama_dir, tmp_path):
         (["--weight", "channel"], "--weight channel cannot be saved in the AutoFP8 / vLLM 'fp8' checkpoint format"),
         (["--activation", "static", "--num-samples", "0"], "--num-samples (0) and --seq-len (512) must be positive"),
         (["--ignore", "re:.*"], "no layer could be quantized"),
+        (["--weight", "block", "--activation", "static"], "weight='block' needs activation='dynamic'"),
+        (["--weight", "channel", "--activation-granularity", "group"], "weight='channel' with activation_granularity='group'"),
+        (["--weight", "block", "--group-size", "64"], "group_size=64 must equal block_size[1]=128"),
     ],
 )
 def test_bad_options(tiny_llama_dir, tmp_path, args, message):
@@ -55,6 +58,23 @@ def test_bad_options(tiny_llama_dir, tmp_path, args, message):
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["tiny-llama"]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize("fmt", ["fp8", "compressed-tensors"])
+def test_block_scheme_in_both_formats(tiny_llama_dir, tmp_path, fmt, stream):
+    out = tmp_path / "out"
+    result = cli(tiny_llama_dir, out, "--weight", "block", "--block-size", "64", "32", "--format", fmt, *([] if stream else ["--no-stream"]))
+    assert result.returncode == 0, result.stderr
+    assert ("path: streaming" in result.stdout) == stream
+    model = load_quantized(out)
+    config = model.fp8kit_config
+    assert (config.weight, config.activation_granularity, config.block_size, config.group_size) == ("block", "group", (64, 32), 32)
+    tensors = load_file(out / "model.safetensors")
+    k_proj = "model.layers.0.self_attn.k_proj"  # N=32, K=64: one partial row of blocks, two columns
+    scale_key = f"{k_proj}.weight_scale_inv" if fmt == "fp8" else f"{k_proj}.weight_scale"
+    assert tensors[scale_key].shape == (1, 2) and f"{k_proj}.weight_scale" not in tensors.keys() - {scale_key}
+    assert torch.equal(model.get_submodule(k_proj).weight_scale, tensors[scale_key].float())
 
 
 def test_unknown_scheme_is_an_argparse_error(tiny_llama_dir, tmp_path):

@@ -269,7 +269,9 @@ def test_block_scale_bad_arguments():
 def test_quantize_weight_block_and_activation_group():
     w = blocky_input((300, 200), seed=5, dtype=torch.bfloat16)
     q, s = scaling.quantize_weight(w, "block", (128, 128))
-    assert s.shape == (3, 2) and s.is_contiguous() and torch.equal(s, scaling.block_scale(w, (128, 128)))
+    exact = scaling.block_scale(w, (128, 128))
+    assert s.shape == (3, 2) and s.is_contiguous() and torch.equal(s, scaling.round_up_to_dtype(exact, torch.bfloat16))
+    assert torch.equal(s.bfloat16().float(), s) and (s >= exact).all()  # exact in bf16, never below amax / 448
     assert torch.equal(q.view(torch.uint8), quantize(w, s, block=(128, 128)).view(torch.uint8))
     x = blocky_input((9, 200), seed=6, dtype=torch.bfloat16)
     xq, xs = scaling.quantize_activation(x, "group", group_size=128)
@@ -336,3 +338,18 @@ def test_block_gemm_pads_m_to_the_alignment_cublas_needs(monkeypatch, m):
     want = F.linear(scaling.dequantize(x_fp8, x_scale, block=(1, 128)), scaling.dequantize(w_fp8, w_scale, block=(128, 128)))
     assert calls == [m + (-m % 4)] and out.shape == (m, 256)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-4)  # fp32 GEMMs of 4 and of m rows sum in other orders
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_round_up_to_dtype_is_the_smallest_value_not_below(dtype):
+    scale = torch.cat([torch.rand(5000, dtype=torch.float64).float() * 2.0 ** torch.randint(-20, 5, (5000,)).float(),
+                       torch.tensor([1e-12 / 448, 0.25, float("inf"), float("nan")])])
+    up = scaling.round_up_to_dtype(scale, dtype)
+    assert up.dtype == torch.float32
+    finite = scale.isfinite()
+    assert torch.equal(up[finite].to(dtype).float(), up[finite])  # representable
+    assert (up[finite] >= scale[finite]).all() and up[-2] == float("inf") and up[-1].isnan()
+    below = torch.nextafter(up[finite].to(dtype), torch.zeros_like(up[finite].to(dtype))).float()
+    assert (below < scale[finite]).all()  # the next value down is too small: the smallest one above
+    assert up[-3] == 0.25 and up[-4] > 0  # exact values kept; the all-zero floor stays positive (fp16 subnormal)
+    assert scaling.round_up_to_dtype(scale, torch.float32) is scale

@@ -80,6 +80,9 @@ CASES = [
     ("fp8", QuantConfig(ignore=())),  # lm_head quantized too
     ("compressed-tensors", QuantConfig()),
     ("compressed-tensors", QuantConfig(weight="channel", activation_granularity="token", ignore=("re:.*down_proj",))),
+    ("fp8", QuantConfig(weight="block", activation_granularity="group")),  # weight_scale_inv F32, partial blocks
+    # bf16 block scales (the source's dtype), several full and partial blocks per weight, lm_head included
+    ("compressed-tensors", QuantConfig(weight="block", activation_granularity="group", block_size=(48, 32), group_size=32, ignore=())),
 ]
 
 

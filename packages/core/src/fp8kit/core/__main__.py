@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         choices=list(FORMATS),
         default="fp8",
-        help="checkpoint format: 'fp8' (AutoFP8 / vLLM, per-tensor weights) or 'compressed-tensors' (float-quantized)",
+        help="checkpoint format: 'fp8' (AutoFP8 / vLLM / DeepSeek-V3: per-tensor or block weights) or 'compressed-tensors' "
+        "(float-quantized: every scheme)",
     )
     p.add_argument("--kv-cache", action="store_true", help="calibrate static FP8 KV-cache scales")
     p.add_argument("--fast-accum", action="store_true", help="use _scaled_mm's fast accumulation")

@@ -73,6 +73,9 @@ class FP8Linear(FixedDtypeBuffers):
         self.activation_granularity = activation_granularity
         self.use_fast_accum = use_fast_accum
         self.block_size = tuple(block_size)  # (bn, bk): used by block weights (and their 1 x bk activation groups)
+        # Block weights: the dtype their scales are exact in (the original weight's; `scaling.quantize_weight`
+        # rounds them up to it), which compressed-tensors checkpoints store them in.
+        self.scale_dtype = torch.float32
         if weight_granularity == "block":
             bn, bk = self.block_size
             scale_shape = (-(-out_features // bn), -(-in_features // bk))
@@ -112,6 +115,8 @@ class FP8Linear(FixedDtypeBuffers):
         weight_fp8, weight_scale = scaling.quantize_weight(weight_hp, config.weight, config.block_size)
         new.weight.copy_(weight_fp8)
         new.weight_scale.copy_(weight_scale)
+        if config.weight == "block":
+            new.scale_dtype = weight_hp.dtype
         if config.activation == "static":
             if input_scale is None:
                 raise ValueError("FP8Linear.from_linear: static activations need an input_scale")

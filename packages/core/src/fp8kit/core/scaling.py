@@ -26,6 +26,7 @@ __all__ = [
     "rowwise_scale",
     "block_scale",
     "expand_block_scale",
+    "round_up_to_dtype",
     "quantize",
     "quantize_activation",
     "quantize_weight",
@@ -101,6 +102,21 @@ def block_scale(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     padded = F.pad(x.abs(), (0, nc * bc - cols, 0, nr * br - rows))  # (nr * br, nc * bc)
     amax = padded.reshape(nr, br, nc, bc).amax(dim=(1, 3))  # (nr, nc)
     return amax_to_scale(amax)
+
+
+def round_up_to_dtype(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 `scale` rounded up to the nearest value of `dtype` (bf16 / fp16), returned in fp32.
+
+    Identity for fp32 / fp64. Rounding up keeps ``|x| / scale <= 448`` (nothing saturates that would
+    not have), and makes the scale exact in `dtype`: block scales of bf16 / fp16 weights are stored
+    in that dtype by compressed-tensors (as llm-compressor writes them) and in fp32 by the "fp8"
+    format, bit-identically. NaN and inf stay.
+    """
+    if dtype in (torch.float32, torch.float64):
+        return scale
+    low = scale.to(dtype)
+    up = torch.where(low.float() < scale, torch.nextafter(low, torch.full_like(low, float("inf"))), low)
+    return up.float()
 
 
 def expand_block_scale(scale: torch.Tensor, shape: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:
@@ -189,7 +205,8 @@ def quantize_weight(
     """Quantize a weight [N, K]: returns (fp8 [N, K], scale fp32).
 
     granularity "tensor": scale []; "channel": [N, 1]; "block": one scale per `block_size` block,
-    [ceil(N / bn), ceil(K / bk)] contiguous (`block_scale`). For "tensor" / "channel" on a GPU the
+    [ceil(N / bn), ceil(K / bk)] contiguous (`block_scale`, rounded up to the weight's dtype by
+    `round_up_to_dtype` so checkpoints can store it in that dtype). For "tensor" / "channel" on a GPU the
     Triton kernels allocate only the fp8 output (the torch path makes several fp32 temporaries of
     the weight's size); results are identical. Under `torch.compile`: the torch path.
     """
@@ -198,7 +215,7 @@ def quantize_weight(
             f"quantize_weight: granularity must be 'tensor', 'channel' or 'block', got {granularity!r}"
         )
     if granularity == "block":
-        scale = block_scale(weight_hp, block_size)
+        scale = round_up_to_dtype(block_scale(weight_hp, block_size), weight_hp.dtype)
         return quantize(weight_hp, scale, block=block_size), scale
     if (
         not torch.compiler.is_compiling()

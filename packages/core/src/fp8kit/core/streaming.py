@@ -258,8 +258,8 @@ def _plan(
                 )
             n, k = entry.shape
             meta_weight = torch.empty((n, k), dtype=scaling.FP8_DTYPE, device="meta")
-            meta_scale = torch.empty((n, 1) if config.weight == "channel" else (), dtype=torch.float32, device="meta")
-            for key, t in layer_tensors(layer, meta_weight, meta_scale, None, format).items():
+            meta_scale = torch.empty(_scale_shape(config, n, k), dtype=torch.float32, device="meta")
+            for key, t in _layer_tensors(layer, meta_weight, meta_scale, config, format, entry.dtype).items():
                 outs.append(_Out(key, t.dtype, tuple(t.shape), entry, layer=layer))
             continue
         if entry is None:  # a real (non-persistent-by-accident) buffer the file lacks: write its initial value
@@ -290,6 +290,22 @@ def _plan(
 # --------------------------------------------------------------------------- quantizing
 
 
+def _scale_shape(config: QuantConfig, n: int, k: int) -> tuple[int, ...]:
+    """Shape of the weight scale `config` gives an [N, K] weight: [], [N, 1] or the block grid."""
+    if config.weight == "block":
+        bn, bk = config.block_size
+        return (-(-n // bn), -(-k // bk))
+    return (n, 1) if config.weight == "channel" else ()
+
+
+def _layer_tensors(
+    layer: str, weight: torch.Tensor, scale: torch.Tensor, config: QuantConfig, format: str, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """`layer_tensors` for one streamed layer whose weight was stored in `dtype` (block scales are exact in it)."""
+    block = config.block_size if config.weight == "block" else None
+    return layer_tensors(layer, weight, scale, None, format, block_size=block, scale_dtype=dtype)
+
+
 def _block_amax(block: torch.Tensor, rowwise: bool) -> torch.Tensor:
     """``|block|.amax()`` ([] or, rowwise, [rows, 1]) without an ``|block|`` temporary; NaN propagates.
 
@@ -315,6 +331,12 @@ def _quantize_weight(
     (uint8, at least N*K bytes) receives the CPU result, reused across calls.
     """
     n, k = weight_hp.shape
+    if config.weight == "block":  # the same function as from_linear on `device` (a few weight-sized temporaries)
+        w = weight_hp.to(device)
+        if not torch.isfinite(w).all():
+            raise ModelLoadError(f"layer {layer}: weight {(n, k)} contains NaN or Inf ({where})")
+        weight_fp8, scale = scaling.quantize_weight(w, "block", config.block_size)
+        return weight_fp8.cpu(), scale.cpu()
     if device.type != "cpu":
         w = weight_hp.to(device, non_blocking=True)  # from pinned memory; read again only after the sync below
         if not torch.isfinite(w).all():
@@ -486,7 +508,7 @@ def quantize_checkpoint(
                                 first.layer,
                                 fp8_buffer,
                             )
-                            produced = layer_tensors(first.layer, weight_fp8, scale, None, format)
+                            produced = _layer_tensors(first.layer, weight_fp8, scale, config, format, entry.dtype)
                             for o in unit:
                                 writer.write(o.name, produced[o.name])
                             del weight_fp8, produced

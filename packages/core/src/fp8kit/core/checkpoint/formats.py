@@ -2,8 +2,9 @@
 
 A format module (`fp8`, `compressed_tensors`) defines ``NAME``, ``TITLE`` (for messages), ``QUANT_METHOD`` (the config.json
 ``quant_method`` it reads), ``SCALAR_SHAPE`` (a per-tensor scale's shape on disk), ``WEIGHT_GRANULARITIES``
-(the weight scales it can hold), ``quantization_config(config, ignored_layers, kv_cache)`` and
-``parse(qc, where) -> QuantConfig``. Adding a format means adding its module to `_MODULES`.
+(the weight scales it can hold), ``quantization_config(config, ignored_layers, kv_cache)``,
+``parse(qc, where) -> QuantConfig`` and ``block_scale_tensor(name, weight_scale, scale_dtype) -> (key, tensor)``
+(how it stores 128 x 128 block scales). Adding a format means adding its module to `_MODULES`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ from ..errors import CheckpointError
 from ..scaling import FP8_DTYPE
 from . import compressed_tensors, fp8
 
-__all__ = ["FORMATS", "check_format", "quantization_config_dict", "parse_quantization_config", "layer_tensors", "kv_scale_shape"]
+__all__ = [
+    "FORMATS",
+    "check_format",
+    "quantization_config_dict",
+    "parse_quantization_config",
+    "layer_tensors",
+    "kv_scale_shape",
+    "check_block_scale",
+]
 
 _MODULES: dict[str, ModuleType] = {m.NAME: m for m in (fp8, compressed_tensors)}
 FORMATS = tuple(_MODULES)
@@ -64,23 +73,48 @@ def parse_quantization_config(qc: Any, where: Path) -> QuantConfig:
     )
 
 
+def check_block_scale(key: str, scale: torch.Tensor, shape: tuple[int, int], block: tuple[int, int]) -> None:
+    """CheckpointError naming `key` unless `scale` is a block-scale grid for a weight of `shape` in `block` blocks:
+    [ceil(N / bn), ceil(K / bk)], partial edge blocks included (DeepSeek-V3, transformers, vLLM)."""
+    (n, k), (bn, bk) = shape, block
+    expected = (-(-n // bn), -(-k // bk))
+    if tuple(scale.shape) != expected:
+        raise CheckpointError(
+            f"{key}: block scales of shape {tuple(scale.shape)} do not fit a {n} x {k} weight in {bn} x {bk} blocks; "
+            f"expected [ceil({n}/{bn}), ceil({k}/{bk})] = {list(expected)}"
+        )
+
+
 def layer_tensors(
     name: str,
     weight: torch.Tensor,
     weight_scale: torch.Tensor,
     input_scale: torch.Tensor | None,
     format: str = "fp8",
+    *,
+    block_size: tuple[int, int] | None = None,
+    scale_dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
     """The checkpoint tensors of one quantized linear `name` (bias excluded; it is stored as is).
 
-    weight: float8_e4m3fn [N, K]. weight_scale: fp32, one element (per tensor) or [N, 1] (per
-    channel). input_scale: fp32, one element (static activations) or None (dynamic: not stored).
+    weight: float8_e4m3fn [N, K]. weight_scale: fp32, one element (per tensor), [N, 1] (per
+    channel) or, with `block_size` (bn, bk), [ceil(N / bn), ceil(K / bk)] block scales.
+    input_scale: fp32, one element (static activations) or None (dynamic: not stored).
     Returns ``{name.weight, name.weight_scale[, name.input_scale]}`` with scales shaped [] for
     "fp8" and [1] (per tensor) / [N, 1] (per channel) for "compressed-tensors"; values unchanged.
+    Block scales go under the format's own name and dtype: "fp8" ``weight_scale_inv`` F32,
+    "compressed-tensors" ``weight_scale`` in `scale_dtype` (the original weight's; exact, see
+    `scaling.round_up_to_dtype`).
     """
     module = _module(format)
     if weight.dtype != FP8_DTYPE or weight.dim() != 2:
         raise CheckpointError(f"{name}.weight: expected float8_e4m3fn [N, K], got {weight.dtype} {tuple(weight.shape)}")
+    if block_size is not None:
+        if input_scale is not None:
+            raise CheckpointError(f"{name}.input_scale: block-wise layers quantize activations dynamically; got a static scale")
+        check_block_scale(f"{name}.weight_scale", weight_scale, tuple(weight.shape), tuple(block_size))
+        key, scale = module.block_scale_tensor(name, weight_scale.float(), scale_dtype)
+        return {f"{name}.weight": weight, key: scale}
     n = weight.shape[0]
     per_channel = weight_scale.numel() != 1
     if per_channel and tuple(weight_scale.shape) not in ((n, 1), (n,)):

@@ -21,7 +21,7 @@ from ..linear import FP8Linear
 from ..offload import dispatch
 from ..scaling import FP8_DTYPE
 from ..surgery import QuantReport
-from .formats import parse_quantization_config
+from .formats import check_block_scale, parse_quantization_config
 from .writer import CONFIG_NAME, WEIGHTS_NAME
 
 __all__ = ["load_quantized", "read_quantization_config", "build_meta_model"]
@@ -47,12 +47,14 @@ def read_quantization_config(path: str | os.PathLike) -> tuple[dict[str, Any], d
 
 
 _SCALE_SUFFIXES = (".weight_scale", ".input_scale", ".k_scale", ".v_scale")
+_BLOCK_SCALE_SUFFIX = ".weight_scale_inv"  # the "fp8" format's block scales (a multiplier despite the name)
 _ZERO_POINT_SUFFIXES = (".weight_zero_point", ".input_zero_point", ".k_zero_point", ".v_zero_point")
 
 
 def _normalize_tensors(tensors: dict[str, torch.Tensor], where: Path) -> dict[str, torch.Tensor]:
     """Map other tools' layouts onto fp8kit's: scales to fp32 (exact), [N] channel scales to [N, 1],
-    AutoFP8's ``k_proj.output_scale`` to ``k_scale``, all-zero symmetric zero points dropped."""
+    block scales ``weight_scale_inv`` to ``weight_scale``, AutoFP8's ``k_proj.output_scale`` to ``k_scale``,
+    all-zero symmetric zero points dropped."""
     out: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         if key.endswith(_ZERO_POINT_SUFFIXES):
@@ -63,6 +65,8 @@ def _normalize_tensors(tensors: dict[str, torch.Tensor], where: Path) -> dict[st
                 )
             logger.debug("dropping all-zero zero point %s", key)
             continue
+        if key.endswith(_BLOCK_SCALE_SUFFIX):
+            key = key[: -len(_BLOCK_SCALE_SUFFIX)] + ".weight_scale"
         for proj, kv in ((".k_proj.output_scale", ".k_scale"), (".v_proj.output_scale", ".v_scale")):
             if key.endswith(proj):  # AutoFP8's KV-cache scales, as vLLM remaps them
                 key = key[: -len(proj)] + kv
@@ -134,7 +138,15 @@ def build_meta_model(config_dict: dict[str, Any], where: Path, trust_remote_code
         return transformers.AutoModelForCausalLM.from_config(hf_config, trust_remote_code=True)
 
 
-def _swap_in_fp8_layers(model: nn.Module, tensors: dict[str, torch.Tensor], config: QuantConfig, where: Path) -> list[str]:
+def _swap_in_fp8_layers(
+    model: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    config: QuantConfig,
+    where: Path,
+    scale_dtypes: dict[str, torch.dtype],
+) -> list[str]:
+    """Replace each nn.Linear whose weight is FP8 in `tensors` by an FP8Linear on the meta device
+    (filled by load_state_dict); `scale_dtypes`: the stored dtype of each ``weight_scale``."""
     modules = dict(model.named_modules())
     quantized = []
     for key, tensor in tensors.items():
@@ -157,17 +169,25 @@ def _swap_in_fp8_layers(model: nn.Module, tensors: dict[str, torch.Tensor], conf
                 f"{where}: tensor {name}.input_scale is missing; quantization_config declares static activations"
             )
         bias = tensors.get(f"{name}.bias")
+        if config.weight == "block":
+            check_block_scale(f"{where}: tensor {name}.weight_scale", scale, tuple(tensor.shape), config.block_size)
+            granularity = "block"
+        else:
+            granularity = "channel" if scale.numel() > 1 else "tensor"
         new = FP8Linear(
             linear.in_features,
             linear.out_features,
             bias=linear.bias is not None,
-            weight_granularity="channel" if scale.numel() > 1 else "tensor",
+            weight_granularity=granularity,
             activation="static" if f"{name}.input_scale" in tensors else "dynamic",
             activation_granularity=config.activation_granularity,
             use_fast_accum=config.use_fast_accum,
+            block_size=config.block_size,
             device="meta",
             dtype=bias.dtype if bias is not None else torch.float32,
         )
+        if granularity == "block":
+            new.scale_dtype = scale_dtypes[f"{name}.weight_scale"]
         parent_name, _, attr = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, attr, new)
         quantized.append(name)
@@ -205,9 +225,11 @@ def load_quantized(
     if qc is None:
         raise CheckpointError(f"{where / CONFIG_NAME}: has no quantization_config; this is not an FP8 checkpoint")
     config = parse_quantization_config(qc, where / CONFIG_NAME)
-    tensors = _normalize_tensors(_read_tensors(where), where)
+    raw = _read_tensors(where)
+    scale_dtypes = {k.removesuffix("_inv"): t.dtype for k, t in raw.items() if k.endswith((".weight_scale", _BLOCK_SCALE_SUFFIX))}
+    tensors = _normalize_tensors(raw, where)
     model = build_meta_model(config_dict, where, trust_remote_code)
-    quantized = _swap_in_fp8_layers(model, tensors, config, where)
+    quantized = _swap_in_fp8_layers(model, tensors, config, where, scale_dtypes)
 
     expected = model.state_dict()
     unexpected = sorted(set(tensors) - set(expected))

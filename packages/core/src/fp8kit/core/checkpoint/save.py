@@ -42,21 +42,36 @@ def _unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _checkpoint_tensors(model: nn.Module, format: str) -> dict[str, torch.Tensor]:
-    """The tensors to store for `model` in `format` (scale shapes per `layer_tensors` / `kv_scale_shape`)."""
+    """The tensors to store for `model` in `format` (scale shapes per `layer_tensors` / `kv_scale_shape`),
+    in state-dict order, each layer's tensors where its weight is."""
     tensors = _unique_tensors(model)
     kv_shape = kv_scale_shape(format)
+    layers: dict[str, dict[str, torch.Tensor]] = {}  # weight key -> the layer's tensors in `format`
     for name, module in model.named_modules():
-        if isinstance(module, FP8Linear):
-            for key, tensor in layer_tensors(
-                name, tensors[f"{name}.weight"], tensors[f"{name}.weight_scale"], tensors.get(f"{name}.input_scale"), format
-            ).items():
-                if key in tensors:
-                    tensors[key] = tensor
+        if isinstance(module, FP8Linear) and f"{name}.weight" in tensors:  # (a shared layer is stored once)
+            block = module.weight_granularity == "block"
+            layers[f"{name}.weight"] = layer_tensors(
+                name,
+                tensors[f"{name}.weight"],
+                tensors[f"{name}.weight_scale"],
+                tensors.get(f"{name}.input_scale"),
+                format,
+                block_size=module.block_size if block else None,
+                scale_dtype=module.scale_dtype,
+            )
         for attr in ("k_scale", "v_scale"):
             key = f"{name}.{attr}" if name else attr
             if isinstance(getattr(module, attr, None), torch.Tensor) and key in tensors:
                 tensors[key] = tensors[key].float().reshape(kv_shape)
-    return tensors
+    replaced = {key for produced in layers.values() for key in produced}
+    replaced |= {key.removesuffix(".weight") + suffix for key in layers for suffix in (".weight_scale", ".input_scale")}
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        if key in layers:
+            out.update(layers[key])
+        elif key not in replaced:
+            out[key] = tensor
+    return out
 
 
 def save_quantized(
