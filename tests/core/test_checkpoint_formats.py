@@ -302,7 +302,8 @@ def llm_compressor_checkpoint(path, preset, reference, kv_cache=False):
         preset_name_to_scheme,
     )
 
-    model = make_tiny_llama()
+    size = {k: getattr(reference.config, k) for k in ("hidden_size", "intermediate_size")}
+    model = make_tiny_llama(**size).to(reference.dtype)
     config = QuantizationConfig(config_groups={"group_0": preset_name_to_scheme(preset, ["Linear"])}, ignore=["lm_head"])
     apply_quantization_config(model, config)
     with torch.no_grad():
@@ -362,17 +363,19 @@ def test_reads_checkpoints_written_by_compressed_tensors(preset, config, tmp_pat
 
 
 @pytest.mark.parametrize(
-    "preset, config",
+    "preset, config, dtype",
     [
-        ("FP8_DYNAMIC", QuantConfig(weight="channel", activation_granularity="token")),
-        ("FP8", QuantConfig(activation="static")),
+        ("FP8_DYNAMIC", QuantConfig(weight="channel", activation_granularity="token"), torch.float32),
+        ("FP8", QuantConfig(activation="static"), torch.float32),
+        # fp32: compressed-tensors quantizes in the model's dtype, so only an fp32 model gives the same FP8 bits
+        ("FP8_BLOCK", QuantConfig(weight="block", activation_granularity="group"), torch.float32),
     ],
 )
-def test_our_layout_is_the_one_compressed_tensors_writes(preset, config, tmp_path):
+def test_our_layout_is_the_one_compressed_tensors_writes(preset, config, dtype, tmp_path):
     """Same tensors (names, dtypes, shapes, bits) and the same parsed scheme as compressed-tensors' own save."""
     from compressed_tensors.quantization import QuantizationConfig
 
-    reference = quantized_llama(config)
+    reference = quantize(make_tiny_llama(**DIVISIBLE_K).to(dtype), config, calibration())
     theirs_path = llm_compressor_checkpoint(tmp_path / "theirs", preset, reference)
     save_quantized(reference, tmp_path / "ours", format="compressed-tensors")
     theirs, ours = read_tensors(theirs_path), read_tensors(tmp_path / "ours")
@@ -389,6 +392,149 @@ def test_our_layout_is_the_one_compressed_tensors_writes(preset, config, tmp_pat
         args_ours, args_theirs = getattr(scheme_ours, part), getattr(scheme_theirs, part)
         # observers name the calibration algorithm only; everything that defines the format must agree
         assert args_ours.model_copy(update={"observer": None}) == args_theirs.model_copy(update={"observer": None}), part
+
+
+def test_reads_llm_compressor_fp8_block_in_bf16(tmp_path):
+    # FP8_BLOCK as llm-compressor saves a bf16 model: weight_scale [ceil(N/128), ceil(K/128)] in bf16
+    # (k_proj / v_proj: N = 64, a partial row of blocks), dynamic 1 x 128 groups, no input_scale.
+    config = QuantConfig(weight="block", activation_granularity="group")
+    reference = quantize(make_tiny_llama(**DIVISIBLE_K).to(torch.bfloat16), config)
+    path = llm_compressor_checkpoint(tmp_path / "ckpt", "FP8_BLOCK", reference)
+    stored = read_tensors(path)
+    k_proj = "model.layers.0.self_attn.k_proj"
+    assert stored[f"{k_proj}.weight_scale"].dtype == torch.bfloat16 and stored[f"{k_proj}.weight_scale"].shape == (1, 1)
+    assert not [k for k in stored if k.endswith("input_scale")]
+    loaded = load_quantized(path)
+    assert loaded.fp8kit_config == QuantConfig(weight="block", activation_granularity="group", ignore=("lm_head",))
+    for name in reference.fp8kit_report.quantized:
+        layer = loaded.get_submodule(name)
+        assert layer.weight_granularity == "block" and layer.scale_dtype == torch.bfloat16
+        assert same_bits(layer.weight, stored[f"{name}.weight"]), name
+        assert torch.equal(layer.weight_scale, stored[f"{name}.weight_scale"].float()), name  # bf16 -> fp32: exact
+        # compressed-tensors divides by the scale in bf16, fp8kit in fp32: a few values land one FP8 step apart
+        ours = reference.get_submodule(name).weight
+        assert (layer.weight.view(torch.uint8) == ours.view(torch.uint8)).float().mean() > 0.9, name
+        assert ((layer.weight.float() - ours.float()).abs() <= ours.float().abs() * 2**-3 + 2**-6).all(), name
+    save_quantized(loaded, tmp_path / "again", format="compressed-tensors")  # and written back the same way
+    for key, tensor in read_tensors(tmp_path / "again").items():
+        assert same_bits(tensor, stored[key]), key
+
+
+def block_reference64(w, block):
+    """(fp8 weight, fp32 block scales) by explicit loops over blocks, as DeepSeek-V3 quantizes: amax of the
+    block's real elements / 448 (float64, rounded once to fp32), each block cast on its own."""
+    bn, bk = block
+    n, k = w.shape
+    scales = torch.empty(-(-n // bn), -(-k // bk), dtype=torch.float32)
+    q = torch.empty(n, k, dtype=torch.float8_e4m3fn)
+    for i in range(scales.shape[0]):
+        for j in range(scales.shape[1]):
+            tile = w[i * bn : (i + 1) * bn, j * bk : (j + 1) * bk].double()
+            scales[i, j] = tile.abs().max().item() / 448
+            q[i * bn : (i + 1) * bn, j * bk : (j + 1) * bk] = (tile / scales[i, j].double()).clamp(-448, 448).float().to(torch.float8_e4m3fn)
+    return q, scales
+
+
+@pytest.mark.parametrize("skip_list", ["ignored_layers", "modules_to_not_convert", None])
+def test_reads_hand_built_deepseek_fp8_block_checkpoints(skip_list, tmp_path):
+    """DeepSeek-V3 / Qwen3-FP8 layout, built by hand: `weight_block_size`, F8_E4M3 weights, F32
+    `weight_scale_inv` [ceil(N/128), ceil(K/128)] (a multiplier), partial blocks in N and K, no fp8kit block."""
+    sizes = dict(hidden_size=192, intermediate_size=320, num_attention_heads=4, num_key_value_heads=2)  # 1.5 / 2.5 blocks
+    original = make_tiny_llama(**sizes)
+    path = tmp_path / "deepseek"
+    original.save_pretrained(path)
+    tensors = {}
+    dequantized = {}
+    for key, tensor in original.state_dict().items():
+        if key.endswith(".weight") and tensor.dim() == 2 and "embed" not in key and "lm_head" not in key:
+            q, scale = block_reference64(tensor, (128, 128))
+            tensors[key], tensors[key + "_scale_inv"] = q, scale
+            dequantized[key] = q.double() * scale.double().repeat_interleave(128, 0)[: q.shape[0]].repeat_interleave(128, 1)[:, : q.shape[1]]
+        else:
+            tensors[key] = tensor.contiguous()
+    assert tensors["model.layers.0.mlp.down_proj.weight_scale_inv"].shape == (2, 3)  # [ceil(192/128), ceil(320/128)]
+    for file in path.glob("*.safetensors"):
+        file.unlink()
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    if skip_list is not None:
+        qc[skip_list] = ["lm_head"]
+    write_qc(path, qc)
+
+    loaded = load_quantized(path)
+    config = loaded.fp8kit_config
+    assert (config.weight, config.activation_granularity, config.block_size, config.group_size) == ("block", "group", (128, 128), 128)
+    assert len(loaded.fp8kit_report.quantized) == 14 and type(loaded.lm_head) is torch.nn.Linear
+    for key, expected in dequantized.items():
+        layer = loaded.get_submodule(key.removesuffix(".weight"))
+        assert same_bits(layer.weight, tensors[key]) and torch.equal(layer.weight_scale, tensors[key + "_scale_inv"]), key
+        back = scaling.dequantize(layer.weight, layer.weight_scale, torch.float64, block=layer.block_size)
+        torch.testing.assert_close(back, expected, rtol=2**-23, atol=0)  # q * scale, one fp32 rounding
+        # Each layer computes (x in 1 x 128 FP8 groups) @ (the dequantized weight).T, exactly as emulated.
+        x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(len(key)))
+        xs = scaling.block_scale(x, (1, 128))
+        x64 = scaling.dequantize(scaling.quantize(x, xs, block=(1, 128)), xs, torch.float64, block=(1, 128))
+        torch.testing.assert_close(layer(x).double(), x64 @ expected.T, rtol=1e-5, atol=1e-5)
+    # The whole model: the dequantized weights in full precision, up to FP8 activation rounding.
+    reference = make_tiny_llama(**sizes)
+    with torch.no_grad():
+        for key, expected in dequantized.items():
+            reference.get_submodule(key.removesuffix(".weight")).weight.copy_(expected.float())
+    ref, out = logits(reference).double(), logits(loaded).double()
+    assert ((out - ref).norm() / ref.norm()).item() < 0.08
+
+
+def test_block_scales_of_the_wrong_shape_are_named(tmp_path):
+    model = quantized_llama(SCHEMES["block"])
+    save_quantized(model, tmp_path / "ckpt")
+    tensors = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    tensors[f"{LAYER}.weight_scale_inv"] = torch.ones(2, 1)
+    save_file(tensors, str(tmp_path / "ckpt" / "model.safetensors"))
+    with pytest.raises(CheckpointError) as info:
+        load_quantized(tmp_path / "ckpt")
+    assert str(info.value) == (
+        f"{tmp_path / 'ckpt'}: tensor {LAYER}.weight_scale: block scales of shape (2, 1) do not fit a 32 x 64 weight "
+        "in 128 x 128 blocks; expected [ceil(32/128), ceil(64/128)] = [1, 1]"
+    )
+
+
+@pytest.mark.parametrize(
+    ("qc", "message"),
+    [
+        ({"weight_block_size": [128]}, "quantization_config.weight_block_size must be two positive ints, got [128]"),
+        ({"weight_block_size": [128, 128], "scale_fmt": "ue8m0"}, "quantization_config.scale_fmt is 'ue8m0'; fp8kit reads block scales stored as floats"),
+        ({"weight_block_size": [128, 128], "activation_scheme": "static"}, "weight_block_size with activation_scheme 'static'"),
+    ],
+)
+def test_bad_fp8_block_configs_are_refused(qc, message, tmp_path):
+    model = quantized_llama(SCHEMES["block"])
+    save_quantized(model, tmp_path / "ckpt")
+    write_qc(tmp_path / "ckpt", {"quant_method": "fp8", "activation_scheme": "dynamic", **qc})
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load_quantized(tmp_path / "ckpt")
+
+
+def test_transformers_finegrained_fp8_reads_ours(tmp_path):
+    """transformers' own FineGrainedFP8 loader (on CPU it dequantizes: `dequantize=True`) reads our "fp8"
+    block checkpoint: exactly our dequantized weights, and our logits up to FP8 activation rounding.
+    Its dequantizer derives the block from the shapes, so every dimension here is a multiple of 128
+    or at most 128 (a partial block such as K = 576 = 4.5 blocks is refused there; fp8kit and vLLM read it)."""
+    from transformers import AutoModelForCausalLM
+
+    model = quantized_llama(SCHEMES["block"], **DIVISIBLE_K)
+    save_quantized(model, tmp_path / "ckpt", format="fp8")
+    qc = read_qc(tmp_path / "ckpt")
+    assert (qc["quant_method"], qc["fmt"], qc["weight_block_size"], qc["activation_scheme"]) == ("fp8", "e4m3", [128, 128], "dynamic")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32)
+    assert all(t.dtype == torch.float32 for t in hf.state_dict().values())  # dequantized (the file holds FP8 + scales only)
+    for name in model.fp8kit_report.quantized:
+        ours = model.get_submodule(name)
+        theirs = hf.get_submodule(name).weight
+        assert theirs.dtype == torch.float32, name
+        assert torch.equal(theirs, scaling.dequantize(ours.weight, ours.weight_scale, block=ours.block_size)), name
+    assert torch.equal(hf.lm_head.weight, model.lm_head.weight)  # ignored_layers: kept in high precision
+    ref, out = logits(hf).double(), logits(model).double()  # ours adds FP8 activation rounding
+    assert ((out - ref).norm() / ref.norm()).item() < 0.08
 
 
 def test_reads_compressed_tensors_scales_in_bf16_and_1d_channel_scales(tmp_path):
