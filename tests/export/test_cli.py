@@ -71,6 +71,23 @@ def test_cli_calibrates_a_checkpoint_with_dynamic_scales(tmp_path, llama_dir, ca
     assert check_onnx(out) == []
 
 
+def test_cli_refuses_block_checkpoints_with_exit_2(tmp_path, llama_dir, capsys):
+    from fp8kit.core import QuantConfig, quantize, save_quantized
+    from fp8kit.core.models import load_model
+
+    model, tokenizer = load_model(str(llama_dir))
+    quantize(model, QuantConfig(weight="block", activation_granularity="group"))
+    checkpoint = tmp_path / "ckpt"
+    save_quantized(model, checkpoint, tokenizer)
+    out = tmp_path / "ckpt.onnx"
+    assert main([str(checkpoint), str(out), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert f"{checkpoint}: layer 'model.layers.0.self_attn.q_proj', 'model.layers.0.self_attn.k_proj', " in err
+    assert "and 11 more: block-wise FP8 weights (one scale per 128 x 128 block) have no TensorRT Q/DQ form" in err
+    assert "Export the full-precision model instead" in err and "Traceback" not in err
+    assert _only(tmp_path) == ["ckpt"]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

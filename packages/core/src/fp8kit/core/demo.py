@@ -29,6 +29,7 @@ SCHEMES: dict[str, QuantConfig] = {
     "fp8 dynamic per-tensor": QuantConfig(),
     "fp8 dynamic per-token, per-channel weights": QuantConfig(weight="channel", activation_granularity="token"),
     "fp8 static per-tensor (saved + reloaded)": QuantConfig(activation="static"),
+    "fp8 block 128x128, dynamic 1x128 groups": QuantConfig(weight="block", activation_granularity="group"),
 }
 
 

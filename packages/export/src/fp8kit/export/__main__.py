@@ -112,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .check import check_onnx
     from .onnx import calibrate_activations, default_input_names, export_onnx, fp8_layers
+    from .qdq import block_refusal
     from .tensorrt import shape_ranges, tensorrt_available, trtexec_command
     from .validate import default_level_advice, make_feeds, try_level, validate_onnx
 
@@ -135,6 +136,9 @@ def run(args: argparse.Namespace) -> int:
         raise ExportError(f"model {args.model}: no tokenizer found, so it cannot be calibrated or validated on text")
     calibration = calibration_batches(tokenizer, texts, args.num_samples, args.seq_len)
     layers = fp8_layers(model)
+    blocks = [name for name, layer in layers.items() if layer.weight_granularity == "block"]
+    if blocks:  # refused before calibrating anything
+        raise ExportError(f"{args.model}: {block_refusal(blocks)}")
     if layers:  # an fp8kit / AutoFP8 checkpoint
         if args.weight is not None:
             logger.warning("--weight is ignored: %s is already quantized (its weight scales are used as they are)", args.model)

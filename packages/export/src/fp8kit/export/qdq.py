@@ -109,6 +109,8 @@ class QDQLinear(nn.Module):
 
     def __init__(self, linear: FP8Linear, dtype: torch.dtype, name: str = "") -> None:
         super().__init__()
+        if linear.weight_granularity == "block":
+            raise ExportError(block_refusal([name]))
         if linear.input_scale is None:
             raise ExportError(
                 f"layer {name!r}: dynamic activation scales cannot be exported as a TensorRT Q/DQ graph; "
@@ -146,6 +148,17 @@ class QDQLinear(nn.Module):
         finally:
             self._buffers["weight_fp8_t"] = weight
         return self
+
+
+def block_refusal(names: list[str]) -> str:
+    """Why layers with block-wise weight scales (`names`) are not exported, and what to do instead."""
+    listing = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return (
+        f"layer {listing}: block-wise FP8 weights (one scale per 128 x 128 block) have no TensorRT Q/DQ form: "
+        "DequantizeLinear takes per-tensor or per-axis scales, and TensorRT builds FP8 GEMMs from those only. "
+        "Export the full-precision model instead (python -m export MODEL_DIR OUT.onnx [--weight channel]): "
+        "it is quantized per tensor or per channel with static activation scales"
+    )
 
 
 def _scale_in(scale_fp32: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
