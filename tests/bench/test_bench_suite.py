@@ -327,9 +327,9 @@ def test_h200_block_suite_expands_to_the_issue_grid():
         backends = set(parts[target].backends)
         assert all(b.endswith("-graph") for b in backends) == (suffix == "-graph")
         assert "torch-bf16" + suffix in backends
-        for fa in ("", "-fastacc"):
-            for scheme in ("fp8-dynamic-group", "fp8-dynamic-token"):  # block beside per-token / per-channel
-                assert scheme + fa + suffix in backends and ceiling_backend_id(scheme + fa + suffix) in backends
+        for scheme in ("fp8-dynamic-group", "fp8-dynamic-token", "fp8-dynamic-token-fastacc"):  # block beside per-token
+            assert scheme + suffix in backends and ceiling_backend_id(scheme + suffix) in backends
+        assert not [b for b in backends if "group-fastacc" in b or "block-fastacc" in b]  # torch has none
     assert {"copy", "quant-dynamic-group", "copy-graph", "quant-dynamic-group-graph"} <= set(parts["quant"].backends)
     assert {(w.m, w.k) for w in parts["quant"].workloads} >= {(8192, 4096), (8192, 14336), (1, 4096)}
 

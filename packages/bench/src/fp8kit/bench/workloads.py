@@ -337,8 +337,9 @@ BLOCK_QUANT_BACKENDS: tuple[str, ...] = tuple(
     for g in ("", "-graph")
     for b in ("copy", "quant-dynamic-group", "quant-dynamic-token")
 ) + ("quant-dynamic-group-torch", "quant-dynamic-group-torch-compiled")
-_BLOCK_LINEARS = ("torch-bf16",) + tuple(
-    f"{b}{fa}" for b in ("fp8-dynamic-group", "fp8-dynamic-token", "scaled-mm-block", "scaled-mm-rowwise") for fa in ("", "-fastacc")
+# Block GEMMs have no -fastacc rows: torch refuses fast accumulation with 128 x 128 blocks (fp8kit never asks).
+_BLOCK_LINEARS = ("torch-bf16", "fp8-dynamic-group", "scaled-mm-block") + tuple(
+    f"{b}{fa}" for b in ("fp8-dynamic-token", "scaled-mm-rowwise") for fa in ("", "-fastacc")
 )
 BLOCK_PREFILL_BACKENDS: tuple[str, ...] = _BLOCK_LINEARS
 BLOCK_DECODE_BACKENDS: tuple[str, ...] = tuple(b + "-graph" for b in _BLOCK_LINEARS)

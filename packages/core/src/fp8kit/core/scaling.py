@@ -491,9 +491,8 @@ def _block_scaled_mm(
     x_scale: torch.Tensor,
     weight_scale: torch.Tensor,
     out_dtype: torch.dtype,
-    use_fast_accum: bool,
 ) -> torch.Tensor:
-    """torch's 1 x 128 by 128 x 128 scaled GEMM: (M, N) in `out_dtype`, no bias.
+    """torch's 1 x 128 by 128 x 128 scaled GEMM: (M, N) in `out_dtype`, no bias, full FP32 accumulation.
 
     Layouts (torch ScaledBlas, A = x [M, K] row-major, B = ``weight.t()`` [K, N] column-major,
     L = ceil(K / 128)): scale_a (M, L) with strides (1, M); scale_b for `F.scaled_mm` (torch >= 2.10)
@@ -519,7 +518,7 @@ def _block_scaled_mm(
         recipe = F.ScalingType
         out = scaled_mm_v2(
             x_fp8, weight_fp8.t(), x_scale, recipe.BlockWise1x128, scale_b, recipe.BlockWise128x128,
-            output_dtype=out_dtype, use_fast_accum=use_fast_accum,
+            output_dtype=out_dtype, use_fast_accum=False,
         )  # fmt: skip
         return out[:m] if pad_m else out
     if pad:
@@ -528,7 +527,7 @@ def _block_scaled_mm(
             f"ceil(K / 128) = {groups} (not a multiple of 4) is unverified"
         )
     out = torch._scaled_mm(
-        x_fp8, weight_fp8.t(), x_scale, weight_scale.t(), out_dtype=out_dtype, use_fast_accum=use_fast_accum
+        x_fp8, weight_fp8.t(), x_scale, weight_scale.t(), out_dtype=out_dtype, use_fast_accum=False
     )
     out = out[0] if isinstance(out, tuple) else out
     return out[:m] if pad_m else out
@@ -570,10 +569,10 @@ def fp8_block_matmul(
     # torch refuses fast accumulation with 128 x 128 block scales ("scaled_gemm doesn't support fast accum with
     # 128x128 blockwise scaling", H200, torch 2.11): block GEMMs always accumulate in full FP32.
     if compiling:
-        out = _block_scaled_mm(x_fp8, weight_fp8, x_scale, weight_scale, out_dtype, False)
+        out = _block_scaled_mm(x_fp8, weight_fp8, x_scale, weight_scale, out_dtype)
     else:
         try:
-            out = _block_scaled_mm(x_fp8, weight_fp8, x_scale, weight_scale, out_dtype, False)
+            out = _block_scaled_mm(x_fp8, weight_fp8, x_scale, weight_scale, out_dtype)
         except RuntimeError as exc:
             _warn_once(
                 f"torch's block-wise scaled GEMM rejected {tuple(x_fp8.shape)} x {tuple(weight_fp8.shape)} -> "
