@@ -10,20 +10,13 @@ float64 GEMM of the torch-quantized operands to fp32 accumulation accuracy.
 from __future__ import annotations
 
 import copy
-import importlib.util
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fp8kit.core import FP8Linear, QuantConfig, kernels, scaling, skinny
-
-MIN_INTERPRETER_TRITON = (3, 9)  # as test_kernels.py: 3.6's interpreter fails under numpy 2
+from triton_interpreter import run_interpreted
 
 # name: M, N, K, activation, weight granularity, bias, tiles, out dtype. K not a multiple of block_k,
 # odd M and N, M above 16 (BLOCK_M 32), split-K with a ragged last split, per-tensor / per-channel weights.
@@ -102,23 +95,11 @@ def case_tensors(name: str) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
     """Every case run through `kernels.fused_linear` in a TRITON_INTERPRET=1 subprocess: (inputs, outputs)."""
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed; the interpreter tests need it")
-    import triton
-
-    if tuple(int(p) for p in triton.__version__.split(".")[:2]) < MIN_INTERPRETER_TRITON:
-        pytest.skip(f"Triton {triton.__version__}'s CPU interpreter cannot run these kernels; use triton>=3.9")
-    tmp = tmp_path_factory.mktemp("fused")
     tensors = {}
     for name in CASES:
         tensors.update(case_tensors(name))
-    save_file({key: value for key, value in tensors.items() if ".ref_" not in key}, tmp / "in.safetensors")
-    (tmp / "spec.json").write_text(json.dumps(CASES))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    args = [sys.executable, "-c", CHILD, tmp / "spec.json", tmp / "in.safetensors", tmp / "out.safetensors"]
-    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return tensors, load_file(tmp / "out.safetensors")
+    inputs = {key: value for key, value in tensors.items() if ".ref_" not in key}
+    return tensors, run_interpreted(CHILD, tmp_path_factory.mktemp("fused"), inputs, CASES)
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -10,19 +10,15 @@ GPU (test_kernels_cuda.py).
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fp8kit.core import FP8Linear, QuantConfig, kernels, scaling
+from triton_interpreter import run_interpreted
 
 NAN, INF = float("nan"), float("inf")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -33,7 +29,6 @@ SMALL_BLOCKS = {
 }  # fmt: skip
 # Per-tensor one-launch kernel: several amax steps per program, several programs.
 SMALL_ONE_LAUNCH = {"_SMALL_BLOCK_A": 256, "_SMALL_SLICE": 64}
-MIN_INTERPRETER_TRITON = (3, 9)  # the interpreter version CI uses (tox); 3.6's fails under numpy 2
 KNOBS = (
     "_MAX_ONE_PASS_K", "_LOOP_BLOCK_K", "_SMALL_NUMEL", "_FLAT_BLOCK_SMALL", "_SMALL_BLOCK_A", "_SMALL_SLICE",
     "_GROUP_TILE_K", "_GROUP_TILE",
@@ -148,28 +143,12 @@ def static_scale(x: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
     """Every case run through the kernels in a TRITON_INTERPRET=1 subprocess: {key: tensor}."""
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed; the interpreter tests need it")
-    import triton
-
-    if tuple(int(p) for p in triton.__version__.split(".")[:2]) < MIN_INTERPRETER_TRITON:
-        # Seen with Triton 3.6 + numpy 2.x: `range(0, N, BLOCK)` over a runtime int raises
-        # "only 0-dimensional arrays can be converted to Python scalars" inside the interpreter.
-        pytest.skip(f"Triton {triton.__version__}'s CPU interpreter cannot run these kernels; use triton>=3.9")
-    tmp = tmp_path_factory.mktemp("interpreter")
     tensors, spec = {}, {}
     for name, case in CASES.items():
         tensors[name] = case["input"]
         tensors[name + ".static_scale"] = static_scale(case_input(name))
         spec[name] = {key: case[key] for key in ("ops", "overrides", "transpose", "out")}
-    save_file(tensors, tmp / "inputs.safetensors")
-    (tmp / "spec.json").write_text(json.dumps(spec))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    args = [sys.executable, "-c", CHILD, tmp / "spec.json", tmp / "inputs.safetensors", tmp / "outputs.safetensors"]
-    args.append(json.dumps(KNOBS))
-    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return load_file(tmp / "outputs.safetensors")
+    return run_interpreted(CHILD, tmp_path_factory.mktemp("interpreter"), tensors, spec, json.dumps(KNOBS))
 
 
 def precast_reference(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -480,25 +459,10 @@ def epilogue_inputs(name: str, case: dict) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def interpreted_epilogue(tmp_path_factory):
     """Every epilogue case run through the kernel in a TRITON_INTERPRET=1 subprocess: (inputs, outputs)."""
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed; the interpreter tests need it")
-    import triton
-
-    if tuple(int(p) for p in triton.__version__.split(".")[:2]) < MIN_INTERPRETER_TRITON:
-        # Seen with Triton 3.6 + numpy 2.x: `range(0, N, BLOCK)` over a runtime int raises
-        # "only 0-dimensional arrays can be converted to Python scalars" inside the interpreter.
-        pytest.skip(f"Triton {triton.__version__}'s CPU interpreter cannot run these kernels; use triton>=3.9")
-    tmp = tmp_path_factory.mktemp("epilogue")
     tensors = {}
     for name, case in EPILOGUE_CASES.items():
         tensors.update(epilogue_inputs(name, case))
-    save_file(tensors, tmp / "inputs.safetensors")
-    (tmp / "spec.json").write_text(json.dumps(EPILOGUE_CASES))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    args = [sys.executable, "-c", EPILOGUE_CHILD, tmp / "spec.json", tmp / "inputs.safetensors", tmp / "out.safetensors"]
-    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return tensors, load_file(tmp / "out.safetensors")
+    return tensors, run_interpreted(EPILOGUE_CHILD, tmp_path_factory.mktemp("epilogue"), tensors, EPILOGUE_CASES)
 
 
 def epilogue_reference64(acc, sa, sb, bias) -> tuple[torch.Tensor, torch.Tensor]:

@@ -176,19 +176,24 @@ class TorchBackend(Backend):
         return n * k * torch.finfo(self.activation_dtype(run_dtype)).bits // 8
 
     def build_linear(self, weight_hp: torch.Tensor, calib_x: torch.Tensor) -> LinearFn:
-        weight = weight_hp.to(self.activation_dtype(weight_hp.dtype)).contiguous()
-        if not self.compiled:
-            return lambda x: F.linear(x, weight)
-        if self._compiled_linear is None:
-            _raise_dynamo_cache_limits()
-            self._compiled_linear = torch.compile(F.linear, dynamic=True)
-        fn = self._compiled_linear
-        return lambda x: fn(x, weight)
+        return _f_linear(self, weight_hp.to(self.activation_dtype(weight_hp.dtype)).contiguous())
 
     def build_model(self, model: nn.Module, calibration: list[Any]) -> BuiltModel:
         module = cast_model(copy.deepcopy(model), self.activation_dtype(next(model.parameters()).dtype)).eval()
         forward = _compile_model(module) if self.compiled else module
         return BuiltModel(module, forward)
+
+
+def _f_linear(backend: TorchBackend | TorchaoBackend, weight: torch.Tensor) -> LinearFn:
+    """``x -> F.linear(x, weight)``; for a compiled backend under one `torch.compile` (dynamic shapes) that
+    the backend shares across its weight copies and M values (`backend._compiled_linear`)."""
+    if not backend.compiled:
+        return lambda x: F.linear(x, weight)
+    if backend._compiled_linear is None:
+        _raise_dynamo_cache_limits()
+        backend._compiled_linear = torch.compile(F.linear, dynamic=True)
+    fn = backend._compiled_linear
+    return lambda x: fn(x, weight)
 
 
 def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -207,7 +212,29 @@ def _compile_model(module: nn.Module) -> Callable[[torch.Tensor], Any]:
     return torch.compile(module, dynamic=False)
 
 
-class FP8Backend(Backend):
+def _scaled_mm_shape_reason(n: int, k: int, consequence: str = "") -> str | None:
+    """Why `torch._scaled_mm` cannot take an [N, K] weight (N or K not divisible by 16), else None."""
+    if n % 16 or k % 16:
+        return f"torch._scaled_mm needs N and K divisible by 16 (N={n}, K={k}){consequence}"
+    return None
+
+
+class _FP8Weights(Backend):
+    """What every FP8-weight linear backend shares: the N, K rule, the dtype label and bytes per element
+    (the run-dtype activation in and out, one byte per weight element)."""
+
+    def workload_skip_reason(self, m: int, n: int, k: int) -> str | None:
+        return _scaled_mm_shape_reason(n, k)
+
+    def dtype_label(self, run_dtype: torch.dtype) -> str:
+        return f"fp8-e4m3/{dtype_name(run_dtype)}"
+
+    def element_bytes(self, run_dtype: torch.dtype) -> tuple[float, float, float]:
+        size = torch.finfo(run_dtype).bits / 8
+        return size, 1.0, size
+
+
+class FP8Backend(_FP8Weights):
     """fp8kit `FP8Linear` (weights FP8 E4M3, activations quantized per `activation` / `granularity`)."""
 
     def __init__(
@@ -246,22 +273,13 @@ class FP8Backend(Backend):
         return scaled_mm_unsupported_reason(device)
 
     def workload_skip_reason(self, m: int, n: int, k: int) -> str | None:
-        if n % 16 or k % 16:
-            return f"torch._scaled_mm needs N and K divisible by 16 (N={n}, K={k}); fp8kit keeps such layers in high precision"
-        return None
-
-    def dtype_label(self, run_dtype: torch.dtype) -> str:
-        return f"fp8-e4m3/{dtype_name(run_dtype)}"
+        return _scaled_mm_shape_reason(n, k, "; fp8kit keeps such layers in high precision")
 
     def impl(self, device: torch.device) -> str:
         return quant_impl(device) + (" under torch.compile" if self.compiled else "")
 
     def weight_bytes(self, n: int, k: int, run_dtype: torch.dtype) -> int:
         return n * k + 4 * _weight_scales(self.config.weight, n, k)
-
-    def element_bytes(self, run_dtype: torch.dtype) -> tuple[float, float, float]:
-        size = torch.finfo(run_dtype).bits / 8
-        return size, 1.0, size
 
     def build_linear(self, weight_hp: torch.Tensor, calib_x: torch.Tensor) -> LinearFn:
         n, k = weight_hp.shape
@@ -301,7 +319,7 @@ class FP8Backend(Backend):
         self._compiled.clear()
 
 
-class TorchaoBackend(Backend):
+class TorchaoBackend(_FP8Weights):
     """torchao's FP8 inference (`Float8DynamicActivationFloat8WeightConfig`, torchao >= 0.18), the peer
     fp8kit is compared with: PerRow (per-token activations, per-channel weights) or PerTensor, its
     defaults otherwise (fast accumulation on: compare with fp8kit's ``-fastacc`` rows). Inductor settings
@@ -330,23 +348,11 @@ class TorchaoBackend(Backend):
 
         return scaled_mm_unsupported_reason(device)
 
-    def workload_skip_reason(self, m: int, n: int, k: int) -> str | None:
-        if n % 16 or k % 16:
-            return f"torch._scaled_mm needs N and K divisible by 16 (N={n}, K={k})"
-        return None
-
-    def dtype_label(self, run_dtype: torch.dtype) -> str:
-        return f"fp8-e4m3/{dtype_name(run_dtype)}"
-
     def impl(self, device: torch.device) -> str:
         return "torchao" + (" under torch.compile" if self.compiled else "")
 
     def weight_bytes(self, n: int, k: int, run_dtype: torch.dtype) -> int:
         return n * k + 4 * (n if self.granularity == "row" else 1)
-
-    def element_bytes(self, run_dtype: torch.dtype) -> tuple[float, float, float]:
-        size = torch.finfo(run_dtype).bits / 8
-        return size, 1.0, size
 
     def _quantize(self, module: nn.Module) -> nn.Module:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
@@ -370,14 +376,7 @@ class TorchaoBackend(Backend):
         linear = nn.Linear(k, n, bias=False, device=weight_hp.device, dtype=weight_hp.dtype)
         with torch.no_grad():
             linear.weight.copy_(weight_hp)
-        weight = self._quantize(linear).weight  # a torchao Float8Tensor [N, K]
-        if not self.compiled:
-            return lambda x: F.linear(x, weight)
-        if self._compiled_linear is None:
-            _raise_dynamo_cache_limits()
-            self._compiled_linear = torch.compile(F.linear, dynamic=True)
-        fn = self._compiled_linear
-        return lambda x: fn(x, weight)
+        return _f_linear(self, self._quantize(linear).weight)  # weight: a torchao Float8Tensor [N, K]
 
     def build_model(self, model: nn.Module, calibration: list[Any]) -> BuiltModel:
         module = self._quantize(copy.deepcopy(model)).eval()
@@ -599,7 +598,7 @@ def _quantize_activation_reason() -> str | None:
     return None
 
 
-class ScaledMMBackend(Backend):
+class ScaledMMBackend(_FP8Weights):
     """``scaled-mm-<rowwise|tensor|block>[-fastacc]``: the bare scaled GEMM on an activation quantized
     once before timing (`prepare_input`), against an FP8 weight [N,K] passed as its column-major view.
 
@@ -622,14 +621,6 @@ class ScaledMMBackend(Backend):
         if self.scaling == "block":  # the ceiling is the GEMM itself, never the fallback
             return block_gemm_unsupported_reason(device)
         return scaled_mm_unsupported_reason(device)
-
-    def workload_skip_reason(self, m: int, n: int, k: int) -> str | None:
-        if n % 16 or k % 16:
-            return f"torch._scaled_mm needs N and K divisible by 16 (N={n}, K={k})"
-        return None
-
-    def dtype_label(self, run_dtype: torch.dtype) -> str:
-        return f"fp8-e4m3/{dtype_name(run_dtype)}"
 
     def weight_bytes(self, n: int, k: int, run_dtype: torch.dtype) -> int:
         return n * k + 4 * _weight_scales({"rowwise": "channel"}.get(self.scaling, self.scaling), n, k)

@@ -355,6 +355,19 @@ def _base_row(
     }
 
 
+def _base_model(
+    config: Any, with_lm_head: bool, device: torch.device, dtype: torch.dtype, seed: int, sizes: ModelSpeedConfig
+) -> nn.Module:
+    """The bf16 model every backend copies; on fp8kit's GQA attention when `sizes.gqa_attention` (set before
+    any copy, so bf16 and every FP8 copy run the same attention, without a KV-cache copy per layer)."""
+    base = build_model(config, with_lm_head, device, dtype, seed)
+    if sizes.gqa_attention:
+        from fp8kit.core.graphs import use_gqa_attention
+
+        use_gqa_attention(base)
+    return base
+
+
 def _run_one_model(
     name: str,
     factory: Callable[[int | None], Any],
@@ -367,12 +380,7 @@ def _run_one_model(
     seed: int,
 ) -> list[dict[str, Any]]:
     config = factory(sizes.num_layers)
-    base = build_model(config, with_lm_head, device, dtype, seed)
-    if sizes.gqa_attention:
-        # Before any copy: bf16 and every FP8 copy run the same attention (no KV-cache copy per layer).
-        from fp8kit.core.graphs import use_gqa_attention
-
-        use_gqa_attention(base)
+    base = _base_model(config, with_lm_head, device, dtype, seed, sizes)
     attention = base.config._attn_implementation
     vocab = config.vocab_size
     gen = torch.Generator(device="cpu").manual_seed(seed + 1)
@@ -570,11 +578,7 @@ def _generate_rows(
     import torch._dynamo
 
     config = factory(sizes.num_layers)
-    base = build_model(config, True, device, dtype, seed)  # a causal LM: generate needs its lm_head
-    if sizes.gqa_attention:
-        from fp8kit.core.graphs import use_gqa_attention
-
-        use_gqa_attention(base)
+    base = _base_model(config, True, device, dtype, seed, sizes)  # a causal LM: generate needs its lm_head
     gen = torch.Generator(device="cpu").manual_seed(seed + 2)
     prompt = torch.randint(0, config.vocab_size, (sizes.decode_batch, sizes.prompt_len), generator=gen).to(device)
     calibration = [torch.randint(0, config.vocab_size, (1, 512), generator=gen).to(device)]
