@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from fp8kit.core import FP8Linear, QuantConfig, kernels, quantize, scaling
+from fp8kit.core import FP8Linear, kernels, quantize, scaling
+from fp8kit.core.graphs import CUDAGraphRunner
 
 from fp8_reference import BLOCK, emulate
 from tiny_models import make_tiny_llama
@@ -111,20 +112,10 @@ def test_group_kernel_nan_and_inf_like_torch():
 
 def test_group_kernel_is_cuda_graph_capturable():
     shape = (8, 4096)
-    static_x = torch.empty(shape, dtype=torch.bfloat16, device="cuda")
-    static_x.copy_(fresh_input(shape, torch.bfloat16)[0])
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        kernels.quantize_per_group(static_x)  # compile outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        q, scale = kernels.quantize_per_group(static_x)
+    runner = CUDAGraphRunner(kernels.quantize_per_group, fresh_input(shape, torch.bfloat16)[0])
     for _ in range(3):
         x, seed = fresh_input(shape, torch.bfloat16)
-        static_x.copy_(x)
-        graph.replay()
+        q, scale = runner(x)
         ref_q, ref_scale = group_reference(x)
         assert torch.equal(scale, ref_scale) and torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)), seed
 
@@ -214,21 +205,10 @@ def test_block_fp8linear_under_torch_compile_matches_eager():
 @pytest.mark.parametrize("k", [4096, 576])  # ceil(K/128) % 4 == 0 (free view) and != 0 (padded scales in the graph)
 def test_block_fp8linear_is_cuda_graph_capturable(k, block_gemm_calls):
     fp8 = FP8Linear.from_linear(nn.Linear(k, 1536, device="cuda", dtype=torch.bfloat16), BLOCK)
-    static_x = torch.empty(8, k, dtype=torch.bfloat16, device="cuda")
-    static_x.copy_(fresh_input((8, k), torch.bfloat16)[0])
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fp8(static_x)  # compile / cache outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fp8(static_x)
+    runner = CUDAGraphRunner(fp8, fresh_input((8, k), torch.bfloat16)[0])
     for _ in range(3):
         x, seed = fresh_input((8, k), torch.bfloat16)
-        static_x.copy_(x)
-        graph.replay()
-        assert torch.equal(out, fp8(x)), f"seed {seed}"
+        assert torch.equal(runner(x), fp8(x)), f"seed {seed}"
 
 
 def test_block_quantize_on_cpu_then_move_to_cuda_and_half():

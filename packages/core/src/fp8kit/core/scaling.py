@@ -11,6 +11,7 @@ for blocks of br x bc elements, partial blocks at the edges scaled by the amax o
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -440,6 +441,37 @@ def _cuda_version() -> tuple[int, ...]:
     return tuple(int(p) for p in (torch.version.cuda or "0").split(".")[:2])
 
 
+def _cached_reason(
+    cache: dict[torch.device, str | None], device: torch.device, probe: Callable[[torch.device], str | None]
+) -> str | None:
+    """``probe(device)`` (None: supported, else why not), cached per device; plain "cuda" follows the
+    current device, so its answer is not cached."""
+    reason = cache.get(device, _UNKNOWN)
+    if reason is _UNKNOWN:
+        reason = probe(device)
+        if device.type != "cuda" or device.index is not None:
+            cache[device] = reason
+    return reason
+
+
+def _not_hopper(device: torch.device, what: str) -> str | None:
+    """Why the CUDA `device` (compute capability other than 9.0) cannot run `what`, or None on Hopper."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    if (major, minor) == (9, 0):
+        return None
+    return f"{torch.cuda.get_device_name(index)} has compute capability {major}.{minor}; {what} on 9.0 (Hopper) only"
+
+
+def _block_gemm_probe(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return f"torch's block-wise scaled GEMM needs a CUDA GPU of compute capability 9.0, not device type {device.type!r}"
+    reason = _not_hopper(device, "torch's block-wise scaled GEMM runs")
+    if reason is None and _cuda_version() < (12, 9):
+        reason = f"torch {torch.__version__} is built with CUDA {torch.version.cuda}; block-wise FP8 GEMMs need 12.9 or newer"
+    return reason
+
+
 @torch.compiler.assume_constant_result  # a fact about the device: torch.compile evaluates it once
 def block_gemm_unsupported_reason(device: torch.device) -> str | None:
     """Why torch's block-wise (1 x 128 by 128 x 128) scaled GEMM cannot run on `device`, or None.
@@ -447,26 +479,7 @@ def block_gemm_unsupported_reason(device: torch.device) -> str | None:
     It runs on compute capability 9.0 (Hopper) only, with CUDA / cuBLASLt >= 12.9 (torch's check);
     the CPU build has no block-wise scaled GEMM. Cached per device.
     """
-    reason = _block_gemm_reasons.get(device, _UNKNOWN)
-    if reason is not _UNKNOWN:
-        return reason
-    reason = None  # supported unless a check below says why not
-    if device.type != "cuda":
-        reason = f"torch's block-wise scaled GEMM needs a CUDA GPU of compute capability 9.0, not device type {device.type!r}"
-    else:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        major, minor = torch.cuda.get_device_capability(index)
-        if (major, minor) != (9, 0):
-            name = torch.cuda.get_device_name(index)
-            reason = (
-                f"{name} has compute capability {major}.{minor}; torch's block-wise scaled GEMM runs on 9.0 (Hopper) only"
-            )
-        elif _cuda_version() < (12, 9):
-            reason = f"torch {torch.__version__} is built with CUDA {torch.version.cuda}; block-wise FP8 GEMMs need 12.9 or newer"
-        if device.index is None:  # "cuda" alone follows the current device
-            return reason
-    _block_gemm_reasons[device] = reason
-    return reason
+    return _cached_reason(_block_gemm_reasons, device, _block_gemm_probe)
 
 
 def _reference_block_matmul(
@@ -594,26 +607,15 @@ def grouped_mm_unsupported_reason(device: torch.device) -> str | None:
     It runs FP8 with row-wise scales on compute capability 9.0 only (Hopper: H100 / H200); other
     devices take `fp8_grouped_matmul`'s per-expert loop over `fp8_matmul`.
     """
-    reason = _grouped_reasons.get(device, _UNKNOWN)
-    if reason is not _UNKNOWN:
-        return reason
-    reason = None  # supported unless a check below says why not
+    return _cached_reason(_grouped_reasons, device, _grouped_probe)
+
+
+def _grouped_probe(device: torch.device) -> str | None:
     if device.type != "cuda":
-        reason = f"torch._scaled_grouped_mm needs a CUDA device of compute capability 9.0, not {device.type!r}"
-    elif not hasattr(torch, "_scaled_grouped_mm"):
-        reason = f"torch {torch.__version__} has no torch._scaled_grouped_mm"
-    else:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        capability = torch.cuda.get_device_capability(index)
-        if capability != (9, 0):
-            name = torch.cuda.get_device_name(index)
-            reason = (
-                f"{name} has compute capability {capability[0]}.{capability[1]}; torch._scaled_grouped_mm "
-                "runs FP8 with row-wise scales on 9.0 only"
-            )
-    if device.type != "cuda" or device.index is not None:  # "cuda" alone follows the current device
-        _grouped_reasons[device] = reason
-    return reason
+        return f"torch._scaled_grouped_mm needs a CUDA device of compute capability 9.0, not {device.type!r}"
+    if not hasattr(torch, "_scaled_grouped_mm"):
+        return f"torch {torch.__version__} has no torch._scaled_grouped_mm"
+    return _not_hopper(device, "torch._scaled_grouped_mm runs FP8 with row-wise scales")
 
 
 def fp8_grouped_matmul(
