@@ -208,6 +208,7 @@ class FP8Experts(FixedDtypeBuffers):
         self.use_fast_accum = use_fast_accum
         self.gate_fn: Any = None  # function(module, gate_up) for gated experts (set by `like`)
         self.silu_concat_gate = False  # the gate is silu(gate) * up, concatenated (set by `like`)
+        self.source_transposed = False  # the original module stored [E, K, N] (gpt-oss): checkpoints keep that
         up_rows = 2 * intermediate_size if self.has_gate else intermediate_size
         shapes = {up: (up_rows, hidden_size, up_parts), DOWN: (hidden_size, intermediate_size, 1)}
         fixed = []
@@ -225,6 +226,10 @@ class FP8Experts(FixedDtypeBuffers):
     @property
     def projections(self) -> tuple[str, str]:
         return (self.up, DOWN)
+
+    def layout(self) -> ExpertsLayout:
+        """The layout of the high-precision module this one was made from (checkpoints store that)."""
+        return ExpertsLayout(up=self.up, transposed=self.source_transposed, has_bias=self.has_bias, up_parts=self.up_parts)
 
     @classmethod
     def like(cls, module: nn.Module, config: QuantConfig) -> "FP8Experts":
@@ -262,6 +267,7 @@ class FP8Experts(FixedDtypeBuffers):
         if new.has_gate:
             new.gate_fn = gate_function(module)
         new.silu_concat_gate = is_silu_concat_gate(module)
+        new.source_transposed = layout.transposed
         return new
 
     @classmethod
