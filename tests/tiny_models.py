@@ -7,21 +7,21 @@ import torch
 TINY_VOCAB = 256
 
 
+_COMMON = dict(  # the shared size of the tiny models (dense and MoE)
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=TINY_VOCAB,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+)
+
+
 def tiny_llama_config(**overrides):
     from transformers import LlamaConfig
 
-    kwargs = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=TINY_VOCAB,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    kwargs.update(overrides)
-    return LlamaConfig(**kwargs)
+    return LlamaConfig(**{**_COMMON, "intermediate_size": 128, **overrides})
 
 
 def make_tiny_llama(seed: int = 0, **overrides):
@@ -51,17 +51,6 @@ def tiny_text(n_words: int, seed: int = 0) -> str:
 
 
 MOE_KINDS = ("mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss")
-_MOE_COMMON = dict(
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=TINY_VOCAB,
-    max_position_embeddings=256,
-    tie_word_embeddings=False,
-)
-
-
 def tiny_moe_config(kind: str, **overrides):
     """A tiny transformers 5 MoE config: hidden 64, expert intermediate 32, 2 layers, top-2 routing."""
     import transformers
@@ -85,7 +74,7 @@ def tiny_moe_config(kind: str, **overrides):
         )  # fmt: skip
     else:
         raise ValueError(kind)
-    kwargs = {**_MOE_COMMON, **kwargs, **overrides}
+    kwargs = {**_COMMON, **kwargs, **overrides}
     return cls(**kwargs)
 
 

@@ -96,14 +96,13 @@ def _config(shape: MoEShape) -> Any:
 
 def build_block(shape: MoEShape, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> nn.Module:
     """A transformers sparse-MoE block of `shape` with random weights (std 0.02), in eval mode."""
-    import transformers
+    import importlib
 
     config = _config(shape)
-    cls = (
-        transformers.models.mixtral.modeling_mixtral.MixtralSparseMoeBlock
-        if shape.family == "mixtral"
-        else transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeSparseMoeBlock
-    )
+    if shape.family == "mixtral":
+        cls = importlib.import_module("transformers.models.mixtral.modeling_mixtral").MixtralSparseMoeBlock
+    else:
+        cls = importlib.import_module("transformers.models.qwen3_moe.modeling_qwen3_moe").Qwen3MoeSparseMoeBlock
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.device("meta"):
         block = cls(config)
@@ -130,6 +129,11 @@ def _row(workload: str, backend: str, shape: MoEShape, tokens: int, target: str,
         "K": shape.intermediate, "device": str(device), "shape": f"E={shape.experts} top-{shape.top_k}",
         "target": target,
     }  # fmt: skip
+
+
+def _hidden(out: Any) -> torch.Tensor:
+    """A block's hidden states: some transformers versions return (hidden_states, router_logits)."""
+    return out[0] if isinstance(out, tuple) else out
 
 
 def _fp8_impl(device: torch.device) -> str:
@@ -181,7 +185,7 @@ def run_moe_speed(
         for tokens, graph, target in plan:
             generator = torch.Generator(device="cpu").manual_seed(seed + tokens)
             x = torch.randn(1, tokens, shape.hidden, generator=generator).to(device, torch.bfloat16)  # (1, T, H)
-            expected = reference(x.float())
+            expected = _hidden(reference(x.float()))
             for backend, (modules, impl) in variants.items():
                 used = modules[: counts[tokens]]
                 row = _row(workload, backend + ("-graph" if graph else ""), shape, tokens, target, device)
@@ -191,7 +195,7 @@ def run_moe_speed(
                     row["status"] = f"not run: CUDA graphs need a CUDA GPU; this run is on {device.type}"
                     continue
                 try:
-                    out = used[0](x)
+                    out = _hidden(used[0](x))
                     row.update(rel_error=metrics.rel_error(out, expected), sqnr_db=metrics.sqnr_db(out, expected))
                     times = _time([lambda m=m: m(x) for m in used], graph, device, timing)
                     row.update(metrics.latency_stats(times), status="ok")

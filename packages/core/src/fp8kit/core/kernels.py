@@ -481,18 +481,23 @@ def quantize_per_token(
     x, out = _prepare(x, "quantize_per_token", out, out_dtype)
     m, k = x.shape
     scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
-    if m == 0:
-        return out, scale
+    if m:
+        _launch_rows(_build().per_token, x, out, scale, m, k, 1)
+    return out, scale
+
+
+def _launch_rows(kernel, x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, m: int, k: int, loads: int) -> None:
+    """Launch a row kernel (``kernel(x, out, scale, M, K, FLOOR_BITS, BLOCK_M, BLOCK_K, ONE_PASS)``) over m
+    rows of k outputs, each computed from `loads` input values: tiles of BLOCK_M rows, a row read once
+    (held in registers) when k <= _MAX_ONE_PASS_K, else in two passes of _LOOP_BLOCK_K columns."""
     one_pass = k <= _MAX_ONE_PASS_K
     block_k = max(16, _next_pow2(k)) if one_pass else _LOOP_BLOCK_K
     block_m = min(_next_pow2(m), max(1, 4096 // block_k))
     programs = _cdiv(m, block_m)
-    device = x.device
     _launch(
-        _build().per_token, programs, (x, out, scale, m, k), (_FLOOR_BITS, block_m, block_k, one_pass),
-        _warps(block_m * block_k, programs, device), device,
+        kernel, programs, (x, out, scale, m, k), (_FLOOR_BITS, block_m, block_k, one_pass),
+        _warps(loads * block_m * block_k, programs, x.device), x.device,
     )  # fmt: skip
-    return out, scale
 
 
 def silu_mul_quantize_per_token(
@@ -514,16 +519,8 @@ def silu_mul_quantize_per_token(
     x = gate_up.contiguous()  # no copy when already contiguous
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
     scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
-    if m == 0:
-        return out, scale
-    one_pass = n <= _MAX_ONE_PASS_K
-    block_k = max(16, _next_pow2(n)) if one_pass else _LOOP_BLOCK_K
-    block_m = min(_next_pow2(m), max(1, 4096 // block_k))
-    programs = _cdiv(m, block_m)
-    _launch(
-        _build().silu_mul_per_token, programs, (x, out, scale, m, n), (_FLOOR_BITS, block_m, block_k, one_pass),
-        _warps(2 * block_m * block_k, programs, x.device), x.device,
-    )  # fmt: skip
+    if m:
+        _launch_rows(_build().silu_mul_per_token, x, out, scale, m, n, 2)  # reads gate and up
     return out, scale
 
 

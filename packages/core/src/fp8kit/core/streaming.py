@@ -40,11 +40,12 @@ from .checkpoint import (
     quantization_config_dict,
     read_quantization_config,
 )
+from .checkpoint.moe import disk_expert_linears, disk_renamer, disk_state, ignored_layers
 from .checkpoint.writer import SAFETENSORS_DTYPES, pack_shards, shard_names, write_index
 from .config import QuantConfig
 from .errors import CheckpointError, ConfigError, ModelLoadError
 from .files import INDEX_NAME, read_index, read_safetensors_header
-from .surgery import select_linears
+from .surgery import select_experts, select_linears
 
 __all__ = [
     "TensorEntry",
@@ -220,10 +221,17 @@ def _meta_model(src: Path, config_dict: dict[str, Any], trust_remote_code: bool)
 
 
 def _plan(
-    model: nn.Module, entries: dict[str, TensorEntry], targets: list[str], config: QuantConfig, format: str, src: Path
+    state: dict[str, torch.Tensor],
+    entries: dict[str, TensorEntry],
+    targets: list[str],
+    config: QuantConfig,
+    format: str,
+    src: Path,
 ) -> list[_Out]:
-    """The output tensors, in the order of their source bytes (quantized layers keep their tensors together)."""
-    state = model.state_dict(keep_vars=True)
+    """The output tensors, in the order of their source bytes (quantized layers keep their tensors together).
+
+    state: the (meta) model's tensors under their on-disk names (`checkpoint.moe.disk_state`); targets:
+    on-disk names of the linears to quantize (MoE experts: one per expert and projection part)."""
     aliases: dict[int, list[str]] = {}
     for name, tensor in state.items():
         aliases.setdefault(id(tensor), []).append(name)
@@ -440,15 +448,23 @@ def quantize_checkpoint(
         )
     entries = checkpoint_entries(src)
     model = _meta_model(src, config_dict, trust_remote_code)
-    targets, skipped = select_linears(model, config, check_weights=False)
+    model_type = config_dict.get("model_type")
+    linears, skipped = select_linears(model, config, check_weights=False)
+    experts, experts_skipped = select_experts(model, config, check_weights=False)
+    skipped.update(experts_skipped)
+    to_disk, _ = disk_renamer(model_type)
+    # MoE experts are stored per expert: each expert's projections (gate and up apart) are linears on disk.
+    targets = [to_disk(name) for name in linears] + list(disk_expert_linears(model, experts, model_type))
     if not targets:
         raise ConfigError(
             f"{src}: no layer could be quantized (no nn.Linear with K and N divisible by 16 outside `ignore`): "
             + "; ".join(f"{n}: {r}" for n, r in skipped.items())
         )
-    outs = _plan(model, entries, targets, config, format, src)
-    ignored = sorted(name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in set(targets))
-    config_dict["quantization_config"] = quantization_config_dict(config, ignored, False, format)
+    outs = _plan(disk_state(model, model_type), entries, targets, config, format, src)
+    hp_linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in set(linears)]
+    config_dict["quantization_config"] = quantization_config_dict(
+        config, ignored_layers(model, hp_linears, model_type), False, format
+    )
     if not config_dict.get("architectures"):
         config_dict["architectures"] = [type(model).__name__]
     del model

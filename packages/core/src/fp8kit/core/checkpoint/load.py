@@ -22,6 +22,7 @@ from ..offload import dispatch
 from ..scaling import FP8_DTYPE
 from ..surgery import QuantReport
 from .formats import check_block_scale, parse_quantization_config
+from .moe import experts_from_disk
 from .writer import CONFIG_NAME, WEIGHTS_NAME
 
 __all__ = ["load_quantized", "read_quantization_config", "build_meta_model"]
@@ -229,7 +230,8 @@ def load_quantized(
     scale_dtypes = {k.removesuffix("_inv"): t.dtype for k, t in raw.items() if k.endswith((".weight_scale", _BLOCK_SCALE_SUFFIX))}
     tensors = _normalize_tensors(raw, where)
     model = build_meta_model(config_dict, where, trust_remote_code)
-    quantized = _swap_in_fp8_layers(model, tensors, config, where, scale_dtypes)
+    quantized = experts_from_disk(model, tensors, config_dict.get("model_type"), config, where)  # MoE: per expert
+    quantized += _swap_in_fp8_layers(model, tensors, config, where, scale_dtypes)
 
     expected = model.state_dict()
     unexpected = sorted(set(tensors) - set(expected))

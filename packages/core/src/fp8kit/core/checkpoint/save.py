@@ -13,9 +13,11 @@ from torch import nn
 
 from ..config import QuantConfig
 from ..errors import CheckpointError
+from ..experts import FP8Experts, experts_layout
 from ..linear import FP8Linear
 from ..offload import offloaded_tensor
 from .formats import check_format, kv_scale_shape, layer_tensors, quantization_config_dict
+from .moe import INPUT_SCALE_MODES, disk_renamer, experts_to_disk, ignored_layers
 from .writer import CONFIG_NAME, atomic_directory, write_shards
 
 __all__ = ["save_quantized"]
@@ -41,13 +43,17 @@ def _unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _checkpoint_tensors(model: nn.Module, format: str) -> dict[str, torch.Tensor]:
+def _checkpoint_tensors(model: nn.Module, format: str, moe_input_scales: str = "per-expert") -> dict[str, torch.Tensor]:
     """The tensors to store for `model` in `format` (scale shapes per `layer_tensors` / `kv_scale_shape`),
-    in state-dict order, each layer's tensors where its weight is."""
+    in state-dict order, each layer's tensors where its weight is, under the original checkpoint's
+    names (MoE experts per expert: `moe`)."""
     tensors = _unique_tensors(model)
     kv_shape = kv_scale_shape(format)
+    model_type = _model_type(model)
     layers: dict[str, dict[str, torch.Tensor]] = {}  # weight key -> the layer's tensors in `format`
     for name, module in model.named_modules():
+        if isinstance(module, FP8Experts) or experts_layout(module) is not None:
+            tensors = experts_to_disk(name, module, tensors, model_type, format, moe_input_scales)
         if isinstance(module, FP8Linear) and f"{name}.weight" in tensors:  # (a shared layer is stored once)
             block = module.weight_granularity == "block"
             layers[f"{name}.weight"] = layer_tensors(
@@ -71,8 +77,12 @@ def _checkpoint_tensors(model: nn.Module, format: str) -> dict[str, torch.Tensor
             out.update(layers[key])
         elif key not in replaced:
             out[key] = tensor
-    return out
+    to_disk, _ = disk_renamer(model_type)
+    return {to_disk(key): tensor for key, tensor in out.items()}
 
+
+def _model_type(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
 
 def save_quantized(
     model: nn.Module,
@@ -82,14 +92,20 @@ def save_quantized(
     format: str = "fp8",
     overwrite: bool = False,
     max_shard_bytes: int = 5 * 2**30,
+    moe_input_scales: str = "per-expert",
 ) -> Path:
     """Write `model` (quantized by `fp8kit.core.quantize`) as a checkpoint vLLM reads.
 
     format: "fp8" (AutoFP8 / vLLM; per-tensor weights only: per-channel weights are refused) or
         "compressed-tensors" (llm-compressor's "float-quantized"; every fp8kit scheme).
+    MoE experts are written per expert under the original checkpoint's names (`checkpoint.moe`).
+    moe_input_scales: "per-expert" (each expert's static input scale) or "layer-max" (the max over a
+        layer's experts for every expert: what vLLM runs, as it keeps one input scale per MoE layer).
     Atomic: everything goes to a temporary sibling directory renamed to `path` at the end.
     """
     check_format(format)
+    if moe_input_scales not in INPUT_SCALE_MODES:
+        raise CheckpointError(f"save_quantized: moe_input_scales={moe_input_scales!r} is not one of {list(INPUT_SCALE_MODES)}")
     config: QuantConfig | None = getattr(model, "fp8kit_config", None)
     if config is None:
         raise CheckpointError("save_quantized: the model was not quantized with fp8kit.core.quantize")
@@ -100,10 +116,11 @@ def save_quantized(
     config_dict.pop("quantization_config", None)
     if not config_dict.get("architectures"):
         config_dict["architectures"] = [type(model).__name__]
-    ignored = sorted(name for name, m in model.named_modules() if isinstance(m, nn.Linear))
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    ignored = ignored_layers(model, linears, _model_type(model))
     kv_cache = any(isinstance(getattr(m, "k_scale", None), torch.Tensor) for m in model.modules())
     config_dict["quantization_config"] = quantization_config_dict(config, ignored, kv_cache, format)
-    tensors = _checkpoint_tensors(model, format)
+    tensors = _checkpoint_tensors(model, format, moe_input_scales)
 
     with atomic_directory(path, overwrite=overwrite) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(config_dict, indent=2, sort_keys=True, default=str))
