@@ -187,6 +187,20 @@ def test_torch_compile_traces_the_grouped_forward_without_graph_breaks(monkeypat
     assert torch.equal(compiled(x, top_k, weights), expected)
 
 
+@pytest.mark.parametrize(("capability", "grouped"), [((9, 0), True), ((8, 9), False), ((10, 0), False)])
+def test_grouped_path_is_chosen_on_compute_capability_9_0_only(capability, grouped, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Fake GPU")
+    monkeypatch.setattr(torch, "_scaled_grouped_mm", object(), raising=False)
+    monkeypatch.setattr(scaling, "_grouped_reasons", {})
+    reason = scaling.grouped_mm_unsupported_reason(torch.device("cuda", 0))
+    assert reason is None if grouped else reason == (
+        f"Fake GPU has compute capability {capability[0]}.{capability[1]}; torch._scaled_grouped_mm runs FP8 "
+        "with row-wise scales on 9.0 only"
+    )
+    assert scaling.grouped_mm_unsupported_reason(torch.device("cuda", 0)) == reason  # cached, the same answer
+
+
 def test_loop_fallback_warns_once(caplog):
     module = moe_layers(make_tiny_moe("mixtral"))[0].experts
     fp8 = FP8Experts.from_experts(module, QuantConfig())
