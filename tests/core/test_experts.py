@@ -201,6 +201,17 @@ def test_grouped_path_is_chosen_on_compute_capability_9_0_only(capability, group
     assert scaling.grouped_mm_unsupported_reason(torch.device("cuda", 0)) == reason  # cached, the same answer
 
 
+def test_loop_fallback_refuses_cuda_graph_capture_by_name(monkeypatch):
+    from fp8kit.core import GraphCaptureError
+
+    module = moe_layers(make_tiny_moe("mixtral"))[0].experts
+    fp8 = FP8Experts.from_experts(module, QuantConfig())
+    monkeypatch.setattr(scaling, "_capturing", lambda device: True)  # as inside torch.cuda.graph(...)
+    with pytest.raises(GraphCaptureError, match=r"FP8 experts on cpu cannot be captured in a CUDA graph: torch\._scaled_grouped_mm "
+                       r"needs a CUDA device of compute capability 9\.0, not 'cpu', so they run as a per-expert loop"):
+        fp8(torch.randn(4, 64), torch.randint(0, 4, (4, 2)), torch.rand(4, 2))
+
+
 def test_loop_fallback_warns_once(caplog):
     module = moe_layers(make_tiny_moe("mixtral"))[0].experts
     fp8 = FP8Experts.from_experts(module, QuantConfig())

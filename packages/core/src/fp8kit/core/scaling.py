@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
+from .errors import GraphCaptureError
 
 __all__ = [
     "FP8_DTYPE",
@@ -618,6 +619,11 @@ def _grouped_probe(device: torch.device) -> str | None:
     return _not_hopper(device, "torch._scaled_grouped_mm runs FP8 with row-wise scales")
 
 
+def _capturing(device: torch.device) -> bool:
+    """True while the current stream of CUDA `device` captures a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def fp8_grouped_matmul(
     x_fp8: torch.Tensor,
     weight_fp8: torch.Tensor,
@@ -638,7 +644,8 @@ def fp8_grouped_matmul(
     scales, `W.transpose(-2, -1)` as the column-major B, K and N multiples of 16, bf16 output, which
     is then cast to `out_dtype`); no host sync, so it is CUDA-graph capturable and traces under
     `torch.compile`. Elsewhere: a loop over the experts of `fp8_matmul` (the `FP8Linear` dispatch),
-    with one logged warning; it reads the offsets on the host (a sync, not capturable).
+    with one logged warning; it reads the offsets on the host (a sync), so under CUDA-graph capture it
+    raises GraphCaptureError saying why, and `torch.compile` breaks the graph there.
     """
     s, n = x_fp8.shape[0], weight_fp8.shape[1]
     if s == 0:
@@ -659,6 +666,12 @@ def fp8_grouped_matmul(
         )  # (S, N) bf16
         return out if out_dtype == torch.bfloat16 else out.to(out_dtype)
     if not torch.compiler.is_compiling():
+        if _capturing(x_fp8.device):
+            raise GraphCaptureError(
+                f"FP8 experts on {x_fp8.device} cannot be captured in a CUDA graph: {reason}, so they run as a "
+                "per-expert loop whose group sizes are read on the host. Run them eagerly here, or on compute "
+                "capability 9.0 (H100 / H200), where torch._scaled_grouped_mm needs no host sync"
+            )
         if reason not in _warned:
             _warned.add(reason)
             logger.warning("FP8 experts run as a per-expert loop of FP8 GEMMs: %s", reason)
