@@ -28,6 +28,7 @@ from fp8kit.core.experts import (
 
 from fp8_reference import emulate_expert, reference_expert
 from tiny_models import MOE_KINDS, make_tiny_llama, make_tiny_moe, moe_layers
+from triton_interpreter import run_interpreted
 
 SCHEMES = {
     "dynamic-tensor/w-tensor": QuantConfig(),
@@ -477,7 +478,7 @@ CHILD_SILU = """
 import sys, torch
 from safetensors.torch import load_file, save_file
 from fp8kit.core import kernels
-inputs = load_file(sys.argv[1])
+inputs = load_file(sys.argv[2])
 outputs = {}
 for name, x in inputs.items():
     q, scale = kernels.silu_mul_quantize_per_token(x, out_dtype=torch.float32)
@@ -486,34 +487,18 @@ kernels._MAX_ONE_PASS_K, kernels._LOOP_BLOCK_K = 16, 16  # the two-pass (long ro
 for name, x in inputs.items():
     q, scale = kernels.silu_mul_quantize_per_token(x, out_dtype=torch.float32)
     outputs[name + ".two_pass.q"], outputs[name + ".two_pass.scale"] = q, scale
-save_file(outputs, sys.argv[2])
+save_file(outputs, sys.argv[3])
 """
 
 
 def test_silu_mul_quantize_kernel_matches_torch_under_the_interpreter(tmp_path):
-    import importlib.util
-    import os
-    import subprocess
-    import sys
-
-    from safetensors.torch import load_file, save_file
-
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed; the interpreter test needs it")
     g = torch.Generator().manual_seed(3)
     inputs = {
         f"{dtype}-{m}x{n}": (torch.randn(m, 2 * n, generator=g) * torch.exp2(torch.randint(-6, 6, (m, 1), generator=g).float())).to(dtype)
         for dtype in (torch.bfloat16, torch.float32)
         for m, n in ((5, 48), (3, 100), (1, 32))
     }
-    save_file(inputs, tmp_path / "in.safetensors")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    result = subprocess.run(
-        [sys.executable, "-c", CHILD_SILU, tmp_path / "in.safetensors", tmp_path / "out.safetensors"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = load_file(tmp_path / "out.safetensors")
+    out = run_interpreted(CHILD_SILU, tmp_path, inputs, {})
     for name, x in inputs.items():
         gate, up = x.float().chunk(2, dim=-1)
         # The kernel's formula: silu = g / (1 + exp(-g)) in fp32 rounded to x's dtype, times up, rounded.
