@@ -197,7 +197,7 @@ def test_grouped_path_is_chosen_on_compute_capability_9_0_only(capability, group
     reason = scaling.grouped_mm_unsupported_reason(torch.device("cuda", 0))
     assert reason is None if grouped else reason == (
         f"Fake GPU has compute capability {capability[0]}.{capability[1]}; torch._scaled_grouped_mm runs FP8 "
-        "with row-wise scales on 9.0 only"
+        "with row-wise scales on 9.0 (Hopper) only"
     )
     assert scaling.grouped_mm_unsupported_reason(torch.device("cuda", 0)) == reason  # cached, the same answer
 
