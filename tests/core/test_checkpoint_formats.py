@@ -104,7 +104,7 @@ def test_round_trip_is_bit_exact(fmt, scheme, tmp_path):
 def test_fp8_format_refuses_per_channel_weights_with_a_pointer(tmp_path):
     model = quantized_llama(SCHEMES["channel-dynamic"])
     with pytest.raises(CheckpointError) as info:
-        save_quantized(model, tmp_path / "ckpt")
+        save_quantized(model, tmp_path / "ckpt", format="fp8")
     assert str(info.value) == (
         "save_quantized: per-channel weight scales cannot be written in the AutoFP8 / vLLM 'fp8' format "
         "(it holds one scale per weight or per 128 x 128 block; vLLM would misread [N,1] scales). Quantize "

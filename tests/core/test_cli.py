@@ -36,15 +36,17 @@ def test_static_with_calibration_file_and_kv(tiny_llama_dir, tmp_path):
     result = cli(tiny_llama_dir, out, "--activation", "static", "--kv-cache", "--calibration-file", text, "--num-samples", 4, "--seq-len", 64)
     assert result.returncode == 0, result.stderr
     assert "KV-cache scales for 2 attention layers" in result.stdout
-    qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc["activation_scheme"] == "static" and qc["kv_cache_scheme"] == "static"
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]  # compressed-tensors by default
+    assert qc["quant_method"] == "compressed-tensors"
+    assert qc["config_groups"]["group_0"]["input_activations"]["dynamic"] is False
+    assert qc["kv_cache_scheme"]["strategy"] == "tensor"
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--activation", "static", "--activation-granularity", "token"], "activation_granularity='token' needs activation='dynamic'"),
-        (["--weight", "channel"], "--weight channel cannot be saved in the AutoFP8 / vLLM 'fp8' checkpoint format"),
+        (["--weight", "channel", "--format", "fp8"], "--weight channel cannot be saved in the AutoFP8 / vLLM 'fp8' checkpoint format"),
         (["--activation", "static", "--num-samples", "0"], "--num-samples (0) and --seq-len (512) must be positive"),
         (["--ignore", "re:.*"], "no layer could be quantized"),
         (["--weight", "block", "--activation", "static"], "weight='block' needs activation='dynamic'"),
@@ -57,6 +59,7 @@ def test_bad_options(tiny_llama_dir, tmp_path, args, message):
     result = cli(tiny_llama_dir, out, *args)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+    assert result.stdout == ""  # nothing claims success (no "how:" / "path:" line) before the error
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["tiny-llama"]
 
 
@@ -156,3 +159,74 @@ def test_bad_device_map_json(tiny_llama_dir, tmp_path):
     result = cli(tiny_llama_dir, tmp_path / "out", "--device-map", "{not json")
     assert result.returncode == 2
     assert "--device-map: not valid JSON" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_help_gives_every_option_a_meaning_and_its_default():
+    from fp8kit.core.__main__ import build_parser
+
+    parser = build_parser()
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        name = action.option_strings[0] if action.option_strings else action.dest
+        assert action.help and len(action.help) > 20, name
+        if action.option_strings:  # every option says what happens when it is not given
+            assert "default" in action.help.lower(), name
+            if action.default not in (None, False):
+                assert str(action.default) in action.help, name
+    text = parser.format_help()
+    out_dir = next(a for a in parser._actions if a.dest == "out_dir")
+    assert "--format" in out_dir.help and "compressed-tensors" in out_dir.help
+    # which consumers read which format, transformers' misreading of "fp8" included
+    assert "compressed-tensors: vLLM, SGLang, transformers" in text
+    assert "fp8: vLLM, SGLang, AutoFP8, fp8kit (not transformers" in text
+
+
+def _summary_value(stdout, prefix):
+    return next(line for line in stdout.splitlines() if line.strip().startswith(prefix)).strip()
+
+
+def test_default_output_is_read_by_transformers_and_the_summary_says_where_the_bytes_are(tiny_llama_dir, tmp_path):
+    """The default format is the one transformers reads right: its logits equal fp8kit's own; the summary
+    splits the bytes (FP8 / scales / high precision) as the files hold them; no local path in config.json."""
+    from transformers import AutoModelForCausalLM
+
+    from fp8kit.core.__main__ import checkpoint_bytes
+
+    text = tmp_path / "calib.txt"
+    text.write_text(tiny_text(400))
+    args = ["--activation", "static", "--calibration-file", text, "--num-samples", 2, "--seq-len", 64]
+    result = cli(tiny_llama_dir, tmp_path / "out", *args)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "out"
+    config_text = (out / "config.json").read_text()
+    assert str(tiny_llama_dir) not in config_text and '"/' not in config_text and "_name_or_path" not in config_text
+
+    ours = load_quantized(out)
+    theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected, got = ours(ids).logits, theirs(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+    tensors = load_file(out / "model.safetensors")
+    fp8 = sum(t.numel() for t in tensors.values() if t.dtype == torch.float8_e4m3fn)
+    scales = sum(t.numel() * 4 for k, t in tensors.items() if k.endswith("_scale"))
+    high = sum(t.numel() * t.element_size() for k, t in tensors.items()
+               if t.dtype != torch.float8_e4m3fn and not k.endswith("_scale"))
+    info = checkpoint_bytes(out)
+    assert (info["fp8"], info["scales"], info["high"]) == (fp8, scales, high)
+    assert info["largest"][0] == ("lm_head.weight", 256 * 64 * 4) and info["high_dtypes"] == ["F32"]
+    total = fp8 + scales + high
+    assert _summary_value(result.stdout, "FP8 weights:") == (
+        f"FP8 weights: {fp8 / 1e6:.1f} MB ({100 * fp8 / total:.0f}%); scales: {scales / 1e3:.1f} kB"
+    )
+    assert _summary_value(result.stdout, "high precision").startswith(f"high precision (F32): {high / 1e6:.1f} MB")
+    assert "--dtype bf16 stores them in half the bytes" in result.stdout
+    assert "format compressed-tensors: read by vLLM, SGLang, transformers" in result.stdout
+
+    half = cli(tiny_llama_dir, tmp_path / "bf16", *args, "--dtype", "bf16")
+    assert half.returncode == 0, half.stderr
+    info16 = checkpoint_bytes(tmp_path / "bf16")
+    assert info16["high_dtypes"] == ["BF16"] and info16["high"] * 2 == high and info16["fp8"] == fp8

@@ -128,6 +128,23 @@ def test_static_scales_are_max_absmax_over_batches():
         assert scale.item() == pytest.approx(reference[name] / FP8_MAX, rel=1e-6), name
 
 
+@pytest.mark.parametrize("ignore", [("re:.*lm_head",), ()])
+def test_calibration_computes_logits_only_when_the_head_is_calibrated(ignore):
+    torch.manual_seed(1)
+    batches = [{"input_ids": torch.randint(0, 256, (2, n))} for n in (8, 20)]
+    reference = observed_absmax(make_tiny_llama(), batches)  # full forwards, logits included
+    model = make_tiny_llama()
+    head_calls = []
+    head_forward = model.lm_head.forward
+    model.lm_head.forward = lambda x: head_calls.append(x.shape) or head_forward(x)
+    quantize(model, QuantConfig(activation="static", ignore=ignore), batches)
+    calibrated = "lm_head" in model.fp8kit_report.quantized
+    assert calibrated == (ignore == ())
+    assert len(head_calls) == (len(batches) if calibrated else 0)  # no [B, T, vocab] logits when not needed
+    for name in model.fp8kit_report.quantized:  # the same scales as with the whole forward
+        assert model.get_submodule(name).input_scale.item() == pytest.approx(reference[name] / FP8_MAX, rel=1e-6), name
+
+
 def test_padding_is_excluded_from_static_and_kv_scales():
     torch.manual_seed(2)
     seqs = [torch.randint(1, 256, (n,)) for n in (12, 5, 9)]  # token 0 is the pad, never in a sequence

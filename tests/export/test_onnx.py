@@ -112,6 +112,23 @@ def test_llama_graph_inputs_outputs_and_sizes(tmp_path, models):
     assert 0.0 < result.size_ratio and result.fp16_bytes > 0
 
 
+def test_export_shows_no_dependency_noise(tmp_path, models, caplog, recwarn):
+    """torch.onnx's known irrelevant messages (axis-name merges, torchvision registry, pytree deprecation,
+    onnxscript / onnx_ir pass logs) are filtered around the export call; the export itself still logs."""
+    import logging
+    import warnings
+
+    warnings.simplefilter("always")
+    with caplog.at_level(logging.INFO):
+        export_onnx(models.quantized_llama("tensor"), tmp_path / "m.onnx")
+    noise = [str(w.message) for w in recwarn if "axis name" in str(w.message) or "LeafSpec" in str(w.message)]
+    assert noise == []
+    names = {r.name for r in caplog.records}
+    assert not {n for n in names if n.startswith(("onnx_ir", "onnxscript", "torch.onnx"))}, names
+    assert "fp8kit.export.onnx" in names  # our own INFO line is still there
+    assert logging.getLogger("onnx_ir").level == logging.NOTSET  # levels restored after the call
+
+
 def test_fp16_bytes_matches_a_real_fp16_export_of_the_unquantized_model(tmp_path, models):
     """fp16_bytes (floats counted at 2 bytes) agrees with the initializer bytes of a real fp16 export."""
     model = models.quantized_llama("tensor", seed=0)

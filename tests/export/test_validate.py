@@ -45,7 +45,8 @@ def test_tiny_llama_parity(tmp_path, models, weight, dtype):
     lengths = feeds[-1]["attention_mask"].sum(1)
     assert len(set(lengths.tolist())) > 1  # of unequal lengths
     report = validate_onnx(path, model, feeds, dtype=dtype, levels=("basic", "all"))
-    assert report.passed and report.sequences == 8 + 4
+    assert report.passed and report.sequences == 8 and report.batch_sizes == [1] * 8 + [4]
+    assert "8 sequences, then 4 of them again in a right-padded batch;" in report.summary()
     if dtype == torch.float32:
         assert report.mean_rel < 1e-4 and report.top1 == 1.0
         assert report.reference_max_rel < 1e-5  # onnx.reference and ORT agree to fp32 rounding

@@ -14,11 +14,12 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from .checkpoint import FORMATS, save_quantized
+from .checkpoint import DEFAULT_FORMAT, FORMATS, format_readers, save_quantized
 from .config import QuantConfig
 from .data import calibration_batches, default_texts, read_text_file
 from .errors import CheckpointError, ConfigError, FP8KitError
@@ -26,6 +27,10 @@ from .offload import device_summary
 from .surgery import quantize
 
 logger = logging.getLogger("fp8kit.core")
+
+_FORMATS_EPILOG = "formats and who reads them correctly:\n" + "\n".join(
+    f"  {name}: {format_readers(name)}" for name in FORMATS
+)
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -40,22 +45,28 @@ def model_bytes(model: nn.Module) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fp8kit.core", description=__doc__)
-    p.add_argument("model", help="Hugging Face model directory, .gguf file, or 'default' (embedded SmolLM2-135M)")
-    p.add_argument("out_dir", type=Path, help="output checkpoint directory (AutoFP8 / vLLM 'fp8' format)")
-    p.add_argument("--activation", choices=["dynamic", "static"], default="dynamic")
+    p = argparse.ArgumentParser(prog="python -m fp8kit.core", description=__doc__, epilog=_FORMATS_EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="Hugging Face model directory (safetensors), .gguf file, or 'default' (embedded "
+                   "SmolLM2-135M-Instruct)")
+    p.add_argument("out_dir", type=Path, help=f"output checkpoint directory, in the --format format (default "
+                   f"{DEFAULT_FORMAT}); written atomically")
+    p.add_argument("--activation", choices=["dynamic", "static"], default="dynamic",
+                   help="activation scales: dynamic (computed per call, no calibration) or static (one per layer, "
+                   "calibrated on text; needed for TensorRT export) (default dynamic)")
     p.add_argument(
         "--activation-granularity",
         choices=["tensor", "token", "group"],
         default=None,
-        help="dynamic activation scales per tensor, per token (row) or per 1 x GROUP_SIZE group along K "
-        "(default: group with --weight block, else tensor)",
+        help="dynamic activation scales per tensor, per token (row) or per 1 x GROUP_SIZE group along K; static "
+        "is per tensor (default: group with --weight block, else tensor)",
     )
     p.add_argument(
         "--weight",
         choices=["tensor", "channel", "block"],
         default="tensor",
-        help="weight scales per tensor, per output channel, or per BLOCK_SIZE block (DeepSeek-V3 style)",
+        help="weight scales per tensor, per output channel, or per BLOCK_SIZE block (DeepSeek-V3 style); channel "
+        "and block need --format compressed-tensors (default tensor)",
     )
     p.add_argument(
         "--block-size",
@@ -65,35 +76,45 @@ def build_parser() -> argparse.ArgumentParser:
         default=(128, 128),
         help="weight block for --weight block (default 128 128)",
     )
-    p.add_argument("--group-size", type=int, default=None, help="activation group along K (default: block COLS)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="activation group along K for --activation-granularity group (default: block COLS)")
     p.add_argument(
         "--format",
         choices=list(FORMATS),
-        default="fp8",
-        help="checkpoint format: 'fp8' (AutoFP8 / vLLM / DeepSeek-V3: per-tensor or block weights) or 'compressed-tensors' "
-        "(float-quantized: every scheme)",
+        default=DEFAULT_FORMAT,
+        help=f"checkpoint format: 'compressed-tensors' (llm-compressor's float-quantized, every scheme) or 'fp8' "
+        f"(AutoFP8 / vLLM / DeepSeek-V3: per-tensor or block weights; transformers misreads per-tensor ones) "
+        f"(default {DEFAULT_FORMAT}); who reads which: see below",
     )
-    p.add_argument("--kv-cache", action="store_true", help="calibrate static FP8 KV-cache scales")
-    p.add_argument("--fast-accum", action="store_true", help="use _scaled_mm's fast accumulation")
-    p.add_argument("--calibration-file", type=Path, help="UTF-8 text for calibration (default: built-in text)")
-    p.add_argument("--num-samples", type=int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--kv-cache", action="store_true",
+                   help="also calibrate static FP8 KV-cache scales (k_scale / v_scale, after RoPE; needs calibration, "
+                   "so the in-memory path) (default off)")
+    p.add_argument("--fast-accum", action="store_true",
+                   help="record use_fast_accum: _scaled_mm's faster, slightly less exact accumulation (default off)")
+    p.add_argument("--calibration-file", type=Path,
+                   help="UTF-8 text for static / KV-cache calibration (default: the built-in text, Python's docstrings)")
+    p.add_argument("--num-samples", type=int, default=32, help="calibration windows of --seq-len tokens (default 32)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
-    p.add_argument("--ignore", nargs="*", default=None, help="module names or 're:' patterns to keep in high precision")
+    p.add_argument("--ignore", nargs="*", default=None,
+                   help="module names or 're:' patterns to keep in high precision (default: re:.*lm_head)")
     p.add_argument(
         "--dtype",
         choices=["fp32", "fp16", "bf16"],
         default=None,
-        help="dtype to load the model in (in-memory path; default fp32). Streaming keeps each tensor's stored dtype, "
-        "so giving --dtype selects the in-memory path",
+        help="dtype the model is loaded and quantized in, which is also the dtype of the tensors OUT_DIR keeps in "
+        "high precision (embeddings, norms, lm_head): bf16 halves them. Default fp32 (in-memory path); streaming "
+        "keeps each tensor's stored dtype, so giving --dtype selects the in-memory path",
     )
-    p.add_argument("--no-stream", action="store_true", help="load the whole model even where streaming applies")
-    p.add_argument("--device", default=None, help="streaming: where to quantize (default: cuda when available, else cpu)")
+    p.add_argument("--no-stream", action="store_true",
+                   help="load the whole model even where streaming applies (default: stream when possible)")
+    p.add_argument("--device", default=None,
+                   help="streaming: where to quantize each weight (default: cuda when available, else cpu)")
     p.add_argument(
         "--device-map",
         default=None,
         help="in-memory path: accelerate device map for a model larger than the GPU: 'auto', or a JSON object "
         "of module name -> device ('cuda:0', 'cpu', 'disk'); offloaded layers are calibrated and quantized "
-        "one at a time",
+        "one at a time (default: none, the whole model on one device)",
     )
     p.add_argument(
         "--max-memory",
@@ -101,9 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --device-map: memory each device may hold, e.g. '0=70GiB,1=70GiB,cpu=200GiB' (GPU index or 'cpu' "
         "= bytes or a size with unit; default: what is free)",
     )
-    p.add_argument("--offload-folder", type=Path, default=None, help="with --device-map: where accelerate offloads to disk")
-    p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    p.add_argument("--offload-folder", type=Path, default=None,
+                   help="with --device-map: where accelerate offloads layers to disk (default: none)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run model code shipped with MODEL (auto_map); only for code you trust (default off)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR (default: refuse)")
     return p
 
 
@@ -149,15 +172,15 @@ def stream_skip_reason(args: argparse.Namespace, config: QuantConfig) -> str | N
     from .streaming import is_safetensors_checkpoint
 
     if args.no_stream:
-        return "--no-stream"
+        return "--no-stream given"
     if args.device_map is not None:
         return "--device-map given"
     if config.activation == "static" or config.kv_cache:
-        return "static activations / --kv-cache need calibration"
+        return "static activation / KV-cache scales need calibration, which runs the whole model"
     if args.dtype is not None:
         return "--dtype given (streaming keeps the stored dtype)"
     if not is_safetensors_checkpoint(args.model):
-        return "MODEL is not a directory with config.json and model.safetensors[.index.json]"
+        return "streaming reads a directory of safetensors weights; a .gguf file or 'default' is loaded whole"
     if read_quantization_config(args.model)[1] is not None:
         return "MODEL is already quantized"
     return None
@@ -167,6 +190,56 @@ def _print_summary(quantized: list[str], skipped: dict[str, str]) -> None:
     print(f"quantized {len(quantized)} layers, kept {len(skipped)} in high precision:")
     for name, reason in skipped.items():
         print(f"  {name}: {reason}")
+
+
+def checkpoint_bytes(path: Path) -> dict[str, Any]:
+    """Where a checkpoint's bytes are, from its safetensors headers: totals (bytes) of FP8 weights,
+    scales (``*_scale``) and high-precision tensors, the high-precision dtypes, and the largest
+    high-precision tensors [(name, bytes)] (largest first)."""
+    from .checkpoint.writer import SAFETENSORS_DTYPES
+    from .files import check_safetensors_dir
+
+    itemsize = {name: dtype.itemsize for dtype, name in SAFETENSORS_DTYPES.items()}
+    parts = {"fp8": 0, "scales": 0, "high": 0}
+    high: list[tuple[str, int]] = []
+    dtypes: set[str] = set()
+    files: set[Path] = set()
+    for name, (file, entry) in check_safetensors_dir(path).items():
+        files.add(file)
+        nbytes = entry["data_offsets"][1] - entry["data_offsets"][0]
+        if entry["dtype"].startswith("F8_"):
+            parts["fp8"] += nbytes
+        elif name.endswith("_scale"):
+            parts["scales"] += nbytes
+        else:
+            parts["high"] += nbytes
+            high.append((name, nbytes))
+            if itemsize.get(entry["dtype"], 0) > 1:
+                dtypes.add(entry["dtype"])
+    high.sort(key=lambda item: -item[1])
+    return {**parts, "total": sum(parts.values()), "files": len(files), "high_dtypes": sorted(dtypes), "largest": high}
+
+
+def _print_result(args: argparse.Namespace, how: str, seconds: float) -> None:
+    """The end of a successful run: where the checkpoint's bytes are, who reads its format, how it was made."""
+    info = checkpoint_bytes(args.out_dir)
+    total = max(info["total"], 1)
+
+    def mb(n: int) -> str:
+        return f"{n / 1e6:.1f} MB ({100 * n / total:.0f}%)"
+
+    print(f"checkpoint: {info['total'] / 1e6:.1f} MB in {info['files']} safetensors file(s)")
+    print(f"  FP8 weights: {mb(info['fp8'])}; scales: {info['scales'] / 1e3:.1f} kB")
+    high = f"  high precision ({', '.join(info['high_dtypes']) or '-'}): {mb(info['high'])}"
+    if info["largest"]:
+        name, nbytes = info["largest"][0]
+        high += f", largest {name} {mb(nbytes)}"
+    print(high)
+    if info["high"] > info["fp8"] and {"F32"} & set(info["high_dtypes"]):
+        print("  (most bytes are high-precision fp32 tensors: --dtype bf16 stores them in half the bytes)")
+    print(f"format {args.format}: read by {format_readers(args.format)}")
+    print(f"how: {how}")
+    print(f"wrote {args.out_dir} in {seconds:.1f} s")
 
 
 def run_streaming(args: argparse.Namespace, config: QuantConfig) -> int:
@@ -185,9 +258,11 @@ def run_streaming(args: argparse.Namespace, config: QuantConfig) -> int:
     _print_summary(report.quantized, report.skipped)
     ratio = report.bytes_out / max(report.bytes_in, 1)
     print(f"model bytes: {report.bytes_in / 2**20:.1f} MiB -> {report.bytes_out / 2**20:.1f} MiB ({ratio:.2f}x)")
-    print(
-        f"wrote {args.out_dir} in {report.seconds:.1f} s ({report.tensors_out} tensors, {report.shards_out} shard(s), "
-        f"{report.bytes_in / 1e9 / max(report.seconds, 1e-9):.2f} GB/s read on {report.device})"
+    _print_result(
+        args,
+        f"streamed: read and quantized one tensor at a time on {report.device}, never loading the whole model "
+        f"({report.tensors_out} tensors, {report.bytes_in / 1e9 / max(report.seconds, 1e-9):.2f} GB/s read)",
+        report.seconds,
     )
     return 0
 
@@ -219,9 +294,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--max-memory and --offload-folder apply with --device-map only (e.g. --device-map auto)")
     reason = stream_skip_reason(args, config)
     if reason is None:
-        print("path: streaming (tensor by tensor; the model is never loaded whole)")
+        logger.info("streaming %s tensor by tensor", args.model)
         return run_streaming(args, config)
-    print(f"path: in-memory ({reason})")
+    logger.info("loading %s whole (%s)", args.model, reason)
     texts = None
     if config.activation == "static" or config.kv_cache:
         if args.num_samples < 1 or args.seq_len < 1:
@@ -257,7 +332,8 @@ def run(args: argparse.Namespace) -> int:
     if report.kv_cache_layers:
         print(f"KV-cache scales for {len(report.kv_cache_layers)} attention layers")
     print(f"model bytes: {bytes_before / 2**20:.1f} MiB -> {bytes_after / 2**20:.1f} MiB ({bytes_after / bytes_before:.2f}x)")
-    print(f"wrote {args.out_dir} in {time.perf_counter() - start:.1f} s")
+    _print_result(args, f"loaded the whole model into memory, then quantized and saved it (because {reason})",
+                  time.perf_counter() - start)
     return 0
 
 

@@ -103,6 +103,23 @@ def _observe_kv(cache: Any, stats: CalibrationStats, state: dict) -> None:
     cache.update = observing_update
 
 
+class _StopBeforeHead(Exception):
+    """Raised by a pre-hook on the output head: calibration needs no logits."""
+
+
+def _stop_before_head(module: nn.Module, args: tuple) -> None:
+    raise _StopBeforeHead
+
+
+def _output_head(model: nn.Module, modules: dict[str, nn.Module]) -> tuple[str, nn.Module] | None:
+    """(name, module) of the model's output head (`get_output_embeddings`, e.g. lm_head), or None."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    if not isinstance(head, nn.Module):
+        return None
+    return next(((name, m) for name, m in modules.items() if m is head), None)
+
+
 def _cache_kwarg(model: nn.Module) -> str:
     """transformers renamed `past_key_values` to `cache` (5.2x); use the name this version takes."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -125,6 +142,8 @@ def calibrate(
     observed as they enter a transformers cache (after RoPE), as vLLM applies its KV scales.
     experts: fused MoE experts modules whose per-expert inputs to observe (`experts.expert_input_amax`);
     with `all_experts` every expert sees every token (the model's outputs stay the routed ones).
+    The forward stops before the output head (`get_output_embeddings`, e.g. lm_head) unless it is
+    one of `layer_names`: no scale needs the logits (a fifth of SmolLM2-135M's forward).
     """
     stats = CalibrationStats()
     state: dict[str, torch.Tensor | None] = {"mask": None}
@@ -158,6 +177,9 @@ def calibrate(
         raise CalibrationError(f"calibrate: no experts modules named {missing}")
     handles = [modules[name].register_forward_pre_hook(make_hook(name)) for name in layer_names]
     handles += [modules[n].register_forward_pre_hook(make_experts_hook(n), with_kwargs=True) for n in experts]
+    head = _output_head(model, modules)
+    if head is not None and head[0] not in layer_names:  # registered last: the head's own observer runs first
+        handles.append(head[1].register_forward_pre_hook(_stop_before_head))
     device = execution_device(model)  # offloaded (accelerate) models: where their hooks run the forward
     was_training = model.training
     model.eval()
@@ -174,7 +196,10 @@ def calibrate(
                 cache = DynamicCache(config=getattr(model, "config", None))
                 _observe_kv(cache, stats, state)
                 inputs = {**inputs, _cache_kwarg(model): cache, "use_cache": True}
-            model(**inputs)
+            try:
+                model(**inputs)
+            except _StopBeforeHead:
+                pass
             stats.batches += 1
             ids = inputs.get("input_ids")
             stats.tokens += int(state["mask"].sum()) if state["mask"] is not None else (ids.numel() if ids is not None else 0)

@@ -1,22 +1,29 @@
 """Loading models: the embedded default (SmolLM2-135M-Instruct GGUF), `.gguf` files, Hugging Face
-directories, and fp8kit / AutoFP8 checkpoints. Safetensors only: no pickles, no remote code unless asked."""
+directories, and fp8kit / AutoFP8 checkpoints. Safetensors only: no pickles, no remote code unless asked.
+
+`python -m fp8kit.core.models MODEL --save-hf DIR [--dtype fp32|bf16|fp16] [--overwrite]` writes MODEL
+(e.g. `default`) as a plain Hugging Face safetensors directory (`checkpoint.save_hf`): what streaming
+(`quantize_checkpoint`), transformers and other tools read.
+"""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .checkpoint import build_meta_model, load_quantized, read_quantization_config
-from .errors import CheckpointError, ModelLoadError
+from .checkpoint import build_meta_model, load_quantized, read_quantization_config, save_hf
+from .errors import CheckpointError, FP8KitError, ModelLoadError
 from .files import check_safetensors_dir
 
-__all__ = ["DEFAULT_MODEL", "default_gguf_path", "load_model", "is_fp8_checkpoint"]
+__all__ = ["DEFAULT_MODEL", "default_gguf_path", "load_model", "is_fp8_checkpoint", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -134,3 +141,39 @@ def load_model(
         raise
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise ModelLoadError(f"{path}: cannot load model: {exc}") from exc
+
+
+_SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``python -m fp8kit.core.models`` command: load MODEL, write it with `save_hf`; exit 2 on bad input."""
+    parser = argparse.ArgumentParser(
+        prog="python -m fp8kit.core.models",
+        description="Write a model (e.g. the embedded default, loaded from GGUF) as a plain Hugging Face safetensors "
+        "directory: no quantization_config, no local paths, tied weights once. Streaming quantization "
+        "(python -m fp8kit.core DIR OUT_DIR) and transformers read the result.",
+    )
+    parser.add_argument("model", help="'default' (embedded SmolLM2-135M-Instruct), a .gguf file or a Hugging Face directory")
+    parser.add_argument("--save-hf", type=Path, required=True, metavar="DIR", help="output directory (written atomically)")
+    parser.add_argument(
+        "--dtype", choices=sorted(_SAVE_DTYPES), default="fp32",
+        help="dtype of the saved tensors (default fp32: the GGUF weights dequantized exactly; bf16 halves the files)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty DIR (default: refuse)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        model, tokenizer = load_model(args.model, dtype=torch.float32)
+        path = save_hf(model, args.save_hf, tokenizer, dtype=_SAVE_DTYPES[args.dtype], overwrite=args.overwrite)
+    except FP8KitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    size = sum(f.stat().st_size for f in path.iterdir() if f.suffix == ".safetensors")
+    print(f"wrote {path}: {size / 1e6:.1f} MB of {args.dtype} safetensors (+ config.json, tokenizer); "
+          f"quantize it with: python -m fp8kit.core {path} OUT_DIR")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

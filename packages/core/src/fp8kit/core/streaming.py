@@ -15,7 +15,6 @@ selection is `surgery.select_linears`; the tensors and `quantization_config` wri
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -31,6 +30,7 @@ from tqdm.auto import tqdm
 from . import scaling
 from .checkpoint import (
     CONFIG_NAME,
+    DEFAULT_FORMAT,
     WEIGHTS_NAME,
     SafetensorsWriter,
     atomic_directory,
@@ -41,7 +41,7 @@ from .checkpoint import (
     read_quantization_config,
 )
 from .checkpoint.moe import disk_expert_linears, disk_renamer, disk_state, ignored_layers
-from .checkpoint.writer import SAFETENSORS_DTYPES, pack_shards, shard_names, write_index
+from .checkpoint.writer import SAFETENSORS_DTYPES, pack_shards, shard_names, write_config, write_index
 from .config import QuantConfig
 from .errors import CheckpointError, ConfigError, ModelLoadError
 from .files import INDEX_NAME, read_index, read_safetensors_header
@@ -406,7 +406,7 @@ def quantize_checkpoint(
     out_dir: str | os.PathLike,
     config: QuantConfig | None = None,
     *,
-    format: str = "fp8",
+    format: str = DEFAULT_FORMAT,
     device: str | torch.device | None = None,
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
@@ -419,7 +419,7 @@ def quantize_checkpoint(
     For dynamic-activation schemes (static activations or KV-cache scales need calibration: ConfigError).
     src_dir: a Hugging Face directory with config.json and model.safetensors or shards +
         model.safetensors.index.json (a pickle-only directory is refused).
-    format: "fp8" (AutoFP8 / vLLM) or "compressed-tensors", as in `save_quantized`.
+    format: "compressed-tensors" (default) or "fp8" (AutoFP8 / vLLM), as in `save_quantized`.
     device: where weights are quantized; None = "cuda" when available, else "cpu". Results are the same.
     max_shard_bytes: output shard size limit (a larger tensor gets a shard of its own).
     progress: show tqdm bars (bytes and tensors).
@@ -534,7 +534,7 @@ def quantize_checkpoint(
             weight_map = {o.name: f for f, shard in zip(files, shards) for unit in shard for o in unit}
             if len(shards) > 1:
                 write_index(tmp, weight_map, report.bytes_out)
-            (tmp / CONFIG_NAME).write_text(json.dumps(config_dict, indent=2, sort_keys=True, default=str))
+            write_config(tmp, config_dict)
             _copy_other_files(src, tmp)
     finally:
         bar.close()

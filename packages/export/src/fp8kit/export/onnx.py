@@ -15,7 +15,9 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,6 +225,34 @@ def _float_bytes_as_fp16(model: Any) -> tuple[int, int]:
     return total, fp8
 
 
+# Messages torch.onnx's exporter emits on every export that say nothing about the user's model:
+# its registry skipping torchvision ops (torchvision is not a dependency), onnxscript / onnx_ir pass logs
+# (INFO, e.g. "Removed 7 unused nodes"), the deprecation of a pytree
+# class inside torch.export, and dynamic axis names it merges (we name the axes the same on purpose).
+_EXPORTER_LOGGERS = ("torch.onnx._internal.exporter._registration", "onnxscript", "onnx_ir")
+_EXPORTER_WARNINGS = (
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
+    (UserWarning, r"# The axis name: .* will not be used, since it shares the same shape constraints"),
+)
+
+
+@contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's known irrelevant warnings and INFO logs for the duration of one export;
+    anything else (a real problem with the model) still shows."""
+    levels = {name: logging.getLogger(name).level for name in _EXPORTER_LOGGERS}
+    for name in _EXPORTER_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            for category, message in _EXPORTER_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, category=category)
+            yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -305,19 +335,20 @@ def export_onnx(
 
     logger.info("exporting %d FP8 layers of %s to ONNX (opset %d, %s)", len(replaced), type(model).__name__, opset, compute_dtype)
     try:
-        program = torch.onnx.export(
-            wrapped,
-            example_inputs,
-            dynamo=True,
-            opset_version=opset,
-            input_names=list(input_names),
-            output_names=[output_name],
-            # _KeywordModel.forward(*inputs) takes all inputs as one variadic argument
-            dynamic_shapes=(tuple(dynamic_shapes),) if hf else tuple(dynamic_shapes),
-            custom_translation_table=qdq.translation_table(),
-            optimize=True,
-            verbose=False,
-        )
+        with _quiet_exporter():
+            program = torch.onnx.export(
+                wrapped,
+                example_inputs,
+                dynamo=True,
+                opset_version=opset,
+                input_names=list(input_names),
+                output_names=[output_name],
+                # _KeywordModel.forward(*inputs) takes all inputs as one variadic argument
+                dynamic_shapes=(tuple(dynamic_shapes),) if hf else tuple(dynamic_shapes),
+                custom_translation_table=qdq.translation_table(),
+                optimize=True,
+                verbose=False,
+            )
     except Exception as exc:  # torch.export / onnxscript raise many types
         raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: {type(exc).__name__}: {exc}") from exc
     onnx_model = program.model

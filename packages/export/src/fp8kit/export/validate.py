@@ -95,7 +95,7 @@ class ParityReport:
 
     dtype: torch.dtype
     ort_version: str
-    sequences: int
+    sequences: int  # distinct sequences (the single-sequence runs; all rows when every run is a batch)
     tokens: int
     max_abs: float
     max_rel: float
@@ -110,6 +110,7 @@ class ParityReport:
     noise_top1: float | None = None
     per_batch_rel: list[float] = field(default_factory=list)
     levels: list[LevelResult] = field(default_factory=list)
+    batch_sizes: list[int] = field(default_factory=list)  # rows of each ORT run, in order
     logits: bool = True
     expected: list[np.ndarray] = field(default_factory=list, repr=False)  # torch outputs, for try_level
 
@@ -126,9 +127,14 @@ class ParityReport:
             f"; FP8 activation noise (torch, FP8 vs unquantized activations): max rel {self.noise_max_rel:.2e}, "
             f"mean rel {self.noise_mean_rel:.2e}"
         )
+        batched = [b for b in self.batch_sizes if b > 1]
+        again = (
+            f", then {' and '.join(str(b) for b in batched)} of them again in {'a' if len(batched) == 1 else len(batched)} "
+            f"right-padded batch{'es' if len(batched) > 1 else ''}" if batched and 1 in self.batch_sizes else ""
+        )
         return (
-            f"parity (ORT {self.ort_version}, optimizations disabled, {self.sequences} sequences / {self.tokens} tokens, "
-            f"vs the fp8kit model in torch fp32): "
+            f"parity (ORT {self.ort_version}, optimizations disabled, {self.sequences} sequences{again}; "
+            f"{self.tokens} token positions compared, vs the fp8kit model in torch fp32): "
             f"max abs err {self.max_abs:.3g}, max rel err {self.max_rel:.2e} (tolerance {self.tolerance:.1e}), "
             f"mean rel err {self.mean_rel:.2e} (tolerance {self.mean_tolerance:.1e}){top1}{ref}{noise}"
         )
@@ -302,6 +308,7 @@ def validate_onnx(
     import onnxruntime as ort
 
     masks = [feed.get("attention_mask") for feed in feeds]
+    batch_sizes = [int(next(iter(feed.values())).shape[0]) for feed in feeds]
     # The torch side runs in fp32 (the higher-precision evaluation of the same FP8 model; CPU
     # fp16 in torch is also slow). fp16 rounding of the graph is covered by the fp16 tolerance.
     expected = torch_outputs(model, feeds, torch.float32, hf=hf)
@@ -320,7 +327,8 @@ def validate_onnx(
     report = ParityReport(
         dtype=dtype,
         ort_version=ort.__version__,
-        sequences=sum(int(next(iter(f.values())).shape[0]) for f in feeds),
+        sequences=batch_sizes.count(1) or sum(batch_sizes),
+        batch_sizes=batch_sizes,
         tokens=errors.tokens,
         max_abs=errors.max_abs,
         max_rel=errors.max_rel,

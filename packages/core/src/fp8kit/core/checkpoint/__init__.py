@@ -12,18 +12,21 @@ cannot run (int, group / block strategies, asymmetric, packed formats) are refus
 """
 
 from ._schema import FORMAT_VERSION
-from .formats import FORMATS, check_format, kv_scale_shape, layer_tensors, parse_quantization_config, quantization_config_dict
+from .formats import DEFAULT_FORMAT, FORMATS, check_format, format_readers, kv_scale_shape, layer_tensors, parse_quantization_config, quantization_config_dict
 from .load import build_meta_model, load_quantized, read_quantization_config
-from .save import save_quantized
+from .save import save_hf, save_quantized
 from .writer import CONFIG_NAME, WEIGHTS_NAME, SafetensorsWriter, atomic_directory, shard_names, write_index
 
 __all__ = [
     "FORMAT_VERSION",
     "FORMATS",
+    "DEFAULT_FORMAT",
+    "format_readers",
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "check_format",
     "save_quantized",
+    "save_hf",
     "load_quantized",
     "read_quantization_config",
     "parse_quantization_config",

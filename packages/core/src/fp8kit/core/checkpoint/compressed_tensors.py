@@ -26,6 +26,8 @@ TITLE = "compressed-tensors"
 QUANT_METHOD = "compressed-tensors"
 SCALAR_SHAPE: tuple[int, ...] = (1,)  # shape of a per-tensor scale on disk
 WEIGHT_GRANULARITIES = ("tensor", "channel", "block")
+#: Who reads it correctly (REFERENCE §3; transformers checked by tests/core/test_cli.py).
+READERS = "vLLM, SGLang, transformers (with compressed-tensors installed), compressed-tensors, fp8kit"
 
 _CT_FORMAT = "float-quantized"
 

@@ -1,10 +1,11 @@
 """The checkpoint formats fp8kit writes and reads, one module each, and the dispatch between them.
 
-A format module (`fp8`, `compressed_tensors`) defines ``NAME``, ``TITLE`` (for messages), ``QUANT_METHOD`` (the config.json
-``quant_method`` it reads), ``SCALAR_SHAPE`` (a per-tensor scale's shape on disk), ``WEIGHT_GRANULARITIES``
-(the weight scales it can hold), ``quantization_config(config, ignored_layers, kv_cache)``,
-``parse(qc, where) -> QuantConfig`` and ``block_scale_tensor(name, weight_scale, scale_dtype) -> (key, tensor)``
-(how it stores 128 x 128 block scales). Adding a format means adding its module to `_MODULES`.
+A format module (`fp8`, `compressed_tensors`) defines ``NAME``, ``TITLE`` (for messages), ``READERS`` (who reads it
+correctly, for users), ``QUANT_METHOD`` (the config.json ``quant_method`` it reads), ``SCALAR_SHAPE`` (a per-tensor
+scale's shape on disk), ``WEIGHT_GRANULARITIES`` (the weight scales it can hold), ``quantization_config(config,
+ignored_layers, kv_cache)``, ``parse(qc, where) -> QuantConfig`` and ``block_scale_tensor(name, weight_scale,
+scale_dtype) -> (key, tensor)`` (how it stores 128 x 128 block scales). Adding a format means adding its module to
+`_MODULES`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from . import compressed_tensors, fp8
 
 __all__ = [
     "FORMATS",
+    "DEFAULT_FORMAT",
+    "format_readers",
     "check_format",
     "quantization_config_dict",
     "parse_quantization_config",
@@ -32,6 +35,9 @@ __all__ = [
 
 _MODULES: dict[str, ModuleType] = {m.NAME: m for m in (fp8, compressed_tensors)}
 FORMATS = tuple(_MODULES)
+#: What `save_quantized`, `quantize_checkpoint` and the CLI write unless told: the format every consumer,
+#: transformers included, reads correctly ("fp8" stays available for AutoFP8 / vLLM pipelines).
+DEFAULT_FORMAT = "compressed-tensors"
 
 
 def _module(format: str) -> ModuleType:
@@ -39,6 +45,11 @@ def _module(format: str) -> ModuleType:
     if format not in _MODULES:
         raise CheckpointError(f"unknown checkpoint format {format!r}; choose one of {list(FORMATS)}")
     return _MODULES[format]
+
+
+def format_readers(format: str) -> str:
+    """Who reads `format` correctly, in words (for summaries and docs)."""
+    return _module(format).READERS
 
 
 def check_format(format: str) -> None:

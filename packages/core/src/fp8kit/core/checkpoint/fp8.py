@@ -27,6 +27,13 @@ QUANT_METHOD = "fp8"
 SCALAR_SHAPE: tuple[int, ...] = ()  # shape of a per-tensor scale on disk
 WEIGHT_GRANULARITIES = ("tensor", "block")
 BLOCK_SCALE_NAME = "weight_scale_inv"
+#: Who reads it correctly. transformers (5.x) takes every quant_method "fp8" checkpoint for its block-wise
+#: FineGrainedFP8: block weights load right, but per-tensor ones lose every weight_scale / input_scale as
+#: unexpected and run as raw FP8 codes (wrong outputs, a warning only).
+READERS = (
+    "vLLM, SGLang, AutoFP8, fp8kit; transformers only with block weights (it misreads per-tensor 'fp8' "
+    "as block-wise FineGrainedFP8: wrong outputs)"
+)
 
 
 def quantization_config(config: QuantConfig, ignored_layers: list[str], kv_cache: bool) -> dict[str, Any]:

@@ -1,8 +1,9 @@
-"""`save_quantized`: a quantized model -> a checkpoint directory in one of `FORMATS`, written atomically."""
+"""`save_quantized`: a quantized model -> a checkpoint directory in one of `FORMATS`; `save_hf`: an unquantized
+model -> a plain Hugging Face safetensors directory (what streaming and other tools read). Both written atomically,
+with a config.json fit to share (`writer.portable_config`)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -16,11 +17,13 @@ from ..errors import CheckpointError
 from ..experts import FP8Experts, experts_layout
 from ..linear import FP8Linear
 from ..offload import offloaded_tensor
-from .formats import check_format, kv_scale_shape, layer_tensors, quantization_config_dict
+from .formats import DEFAULT_FORMAT, check_format, kv_scale_shape, layer_tensors, quantization_config_dict
 from .moe import INPUT_SCALE_MODES, disk_renamer, experts_to_disk, ignored_layers
-from .writer import CONFIG_NAME, atomic_directory, write_shards
+from .writer import atomic_directory, write_config, write_shards
 
-__all__ = ["save_quantized"]
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+__all__ = ["save_quantized", "save_hf"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,15 +92,16 @@ def save_quantized(
     path: str | os.PathLike,
     tokenizer: Any = None,
     *,
-    format: str = "fp8",
+    format: str = DEFAULT_FORMAT,
     overwrite: bool = False,
     max_shard_bytes: int = 5 * 2**30,
     moe_input_scales: str = "per-expert",
 ) -> Path:
     """Write `model` (quantized by `fp8kit.core.quantize`) as a checkpoint vLLM reads.
 
-    format: "fp8" (AutoFP8 / vLLM; per-tensor weights only: per-channel weights are refused) or
-        "compressed-tensors" (llm-compressor's "float-quantized"; every fp8kit scheme).
+    format: "compressed-tensors" (default; llm-compressor's "float-quantized", every fp8kit scheme; read by
+        vLLM, SGLang and transformers) or "fp8" (AutoFP8 / vLLM; per-tensor or block weights, per-channel weights
+        are refused; transformers misreads per-tensor ones). `formats.format_readers` says who reads which.
     MoE experts are written per expert under the original checkpoint's names (`checkpoint.moe`).
     moe_input_scales: "per-expert" (each expert's static input scale) or "layer-max" (the max over a
         layer's experts for every expert: what vLLM runs, as it keeps one input scale per MoE layer).
@@ -109,13 +113,8 @@ def save_quantized(
     config: QuantConfig | None = getattr(model, "fp8kit_config", None)
     if config is None:
         raise CheckpointError("save_quantized: the model was not quantized with fp8kit.core.quantize")
-    hf_config = getattr(model, "config", None)
-    if hf_config is None or not hasattr(hf_config, "to_dict"):
-        raise CheckpointError("save_quantized: the model has no Hugging Face `config`; only transformers models can be saved")
-    config_dict = hf_config.to_dict()
+    config_dict = _model_config_dict(model, "save_quantized")
     config_dict.pop("quantization_config", None)
-    if not config_dict.get("architectures"):
-        config_dict["architectures"] = [type(model).__name__]
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     ignored = ignored_layers(model, linears, _model_type(model))
     kv_cache = any(isinstance(getattr(m, "k_scale", None), torch.Tensor) for m in model.modules())
@@ -123,13 +122,71 @@ def save_quantized(
     tensors = _checkpoint_tensors(model, format, moe_input_scales)
 
     with atomic_directory(path, overwrite=overwrite) as tmp:
-        (tmp / CONFIG_NAME).write_text(json.dumps(config_dict, indent=2, sort_keys=True, default=str))
+        write_config(tmp, config_dict)
         write_shards(tensors, tmp, max_shard_bytes)
-        generation_config = getattr(model, "generation_config", None)
-        if generation_config is not None:
-            generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        _save_extras(model, tokenizer, tmp)
     logger.info("saved FP8 checkpoint (%s format) to %s (%d tensors)", format, path, len(tensors))
     return Path(path)
 
+
+def _model_config_dict(model: nn.Module, caller: str) -> dict[str, Any]:
+    """The model's Hugging Face config as a dict (architectures filled in); CheckpointError without one."""
+    hf_config = getattr(model, "config", None)
+    if hf_config is None or not hasattr(hf_config, "to_dict"):
+        raise CheckpointError(f"{caller}: the model has no Hugging Face `config`; only transformers models can be saved")
+    config_dict = hf_config.to_dict()
+    if not config_dict.get("architectures"):
+        config_dict["architectures"] = [type(model).__name__]
+    return config_dict
+
+
+def _save_extras(model: nn.Module, tokenizer: Any, directory: Path) -> None:
+    """generation_config.json (when the model has one) and the tokenizer's files."""
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def save_hf(
+    model: nn.Module,
+    path: str | os.PathLike,
+    tokenizer: Any = None,
+    *,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int = 5 * 2**30,
+) -> Path:
+    """Write an unquantized transformers `model` as a plain Hugging Face safetensors directory.
+
+    For models `save_pretrained` refuses, such as one loaded from a GGUF file (transformers marks it
+    quantized): the result has no ``quantization_config``, no local path and no GGUF leftovers, and
+    loads with `AutoModelForCausalLM.from_pretrained`, `fp8kit.core.models.load_model` and
+    `quantize_checkpoint` (streaming). Tied tensors are stored once (the model re-ties them on load).
+    dtype: cast floating tensors to it (e.g. torch.bfloat16 halves the files); default: as they are.
+    Refuses a model with FP8 layers (use `save_quantized`).
+    """
+    if dtype is not None and dtype not in _DTYPE_NAMES:
+        raise CheckpointError(f"save_hf: dtype {dtype} is not one of {sorted(_DTYPE_NAMES.values())}")
+    fp8 = [name for name, m in model.named_modules() if isinstance(m, FP8Linear)]
+    if fp8:
+        raise CheckpointError(
+            f"save_hf: the model holds {len(fp8)} FP8 layers (e.g. {fp8[0]}); save it with save_quantized"
+        )
+    config_dict = _model_config_dict(model, "save_hf")
+    config_dict.pop("quantization_config", None)  # GGUF's: the tensors written here are plain
+    tensors = _unique_tensors(model)
+    if dtype is not None:
+        tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
+        config_dict["dtype"] = _DTYPE_NAMES[dtype]
+    else:
+        floating = {t.dtype for t in tensors.values() if t.is_floating_point()}
+        if len(floating) == 1 and next(iter(floating)) in _DTYPE_NAMES:
+            config_dict["dtype"] = _DTYPE_NAMES[next(iter(floating))]
+    with atomic_directory(path, overwrite=overwrite) as tmp:
+        write_config(tmp, config_dict)
+        write_shards(tensors, tmp, max_shard_bytes)
+        _save_extras(model, tokenizer, tmp)
+    logger.info("saved %s (%d tensors, unquantized) to %s", type(model).__name__, len(tensors), path)
+    return Path(path)

@@ -27,6 +27,8 @@ __all__ = [
     "shard_names",
     "write_index",
     "write_shards",
+    "portable_config",
+    "write_config",
 ]
 
 logger = logging.getLogger(__name__)
@@ -43,6 +45,35 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # alive, owned by someone else
         return True
     return True
+
+
+# Keys transformers' GGUF conversion (and loading) leaves in a config that mean nothing to a reader of
+# the saved checkpoint: the local path it was loaded from, and the GGUF file's model name.
+_LOCAL_KEYS = ("_name_or_path", "_model_name_or_path", "name_or_path")
+_DEFAULT_LABELS = {"id2label": {"0": "LABEL_0", "1": "LABEL_1"}, "label2id": {"LABEL_0": 0, "LABEL_1": 1}}
+
+
+def portable_config(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a model's config.json dict fit to share: without the local path it was loaded from
+    (``_name_or_path``), GGUF conversion leftovers (``_model_name_or_path``, a ``quantization_config``
+    whose quant_method is "gguf"), and transformers' placeholder labels (``LABEL_0`` / ``LABEL_1``,
+    which a causal LM never uses)."""
+    out = {k: v for k, v in config_dict.items() if k not in _LOCAL_KEYS}
+    qc = out.get("quantization_config")
+    if isinstance(qc, dict) and qc.get("quant_method") == "gguf":
+        del out["quantization_config"]
+    for key, default in _DEFAULT_LABELS.items():
+        value = out.get(key)
+        if isinstance(value, dict) and {str(k): v for k, v in value.items()} == default:
+            del out[key]
+    return out
+
+
+def write_config(directory: Path, config_dict: dict[str, Any]) -> Path:
+    """Write `portable_config(config_dict)` as ``directory/config.json`` (sorted keys, indented)."""
+    path = directory / CONFIG_NAME
+    path.write_text(json.dumps(portable_config(config_dict), indent=2, sort_keys=True, default=str) + "\n")
+    return path
 
 
 class atomic_directory:
