@@ -34,6 +34,9 @@ def test_cli_exports_checks_and_validates(tmp_path, llama_dir, calibration_file,
     printed = capsys.readouterr()
     assert code == 0, printed.err
     assert _only(tmp_path) == ["tiny.onnx"]
+    steps = [line.split("] ", 1)[1].split(" ")[0] for line in printed.err.splitlines() if line.startswith("[")]
+    assert steps == ["loading", "quantizing", "exporting", "checking", "validating"]  # one line per step, stderr
+    assert "validating parity on 4 sequences" in printed.err
     assert check_onnx(out) == []
     text = printed.out
     assert "14 of 15 Linear layers quantized; kept in " + dtype + ": lm_head" in text

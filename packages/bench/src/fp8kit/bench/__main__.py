@@ -69,14 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--suite",
         default=None,
         help=f"run a named suite ({', '.join(SUITES)}, moe) instead of --shapes/--m/--backends/--model; "
-        "files are named after the suite (moe: an MoE block, FP8 experts vs bf16 grouped_mm)",
+        "files are named after the suite (moe: an MoE block, FP8 experts vs bf16 grouped_mm; default: none, "
+        "the --shapes grid)",
     )
     parser.add_argument(
-        "--targets", default=None, help=f"with --suite: only these parts ({', '.join(TARGETS)}), comma-separated"
+        "--targets", default=None,
+        help=f"with --suite: only these parts ({', '.join(TARGETS)}), comma-separated (default: all of the suite's)"
     )
     parser.add_argument("--out", default="out/bench", help="output directory (default: out/bench)")
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
-    parser.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="high-precision dtype (bf16 GPU / fp32 CPU)")
+    parser.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="high-precision dtype (default bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--batch", default="1", help="model workload batch sizes, e.g. 1,8 (default 1)")
     parser.add_argument("--seq-len", default="512", help="model workload sequence lengths, e.g. 512,2048 (default 512)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (default 5; 3 on CPU; --models on CPU 1)")
@@ -97,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="how CPU rows are timed: wall (time.perf_counter) or cpu (time.process_time: the process's CPU time, "
         "immune to other processes taking the core); default cpu when the run uses one thread, else wall",
     )
-    parser.add_argument("--no-perplexity", action="store_true", help="skip perplexity of real-weight models")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    parser.add_argument("--no-perplexity", action="store_true", help="skip perplexity of real-weight models (default: measured)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only (default: progress and fp8kit's INFO lines)")
     from .model_speed import add_cli_arguments as _add_model_speed_arguments  # --models (whole-model speed)
 
     _add_model_speed_arguments(parser)

@@ -756,13 +756,13 @@ def add_cli_arguments(parser: Any) -> None:
         "--models",
         default=None,
         help=f"whole-model speed: comma-separated presets ({', '.join(MODEL_PRESETS)}); bf16 vs FP8 prefill, "
-        "decode (eager and CUDA graph) and quantizing time; writes its own report to --out",
+        "decode (eager and CUDA graph) and quantizing time; writes its own report to --out (default: none)",
     )
     parser.add_argument("--model-layers", type=int, default=None, help="decoder layers of --models (default 4 / 30)")
-    parser.add_argument("--quantize-layers", type=int, default=32, help="Llama-3-8B layers for the quantizing rows (0: skip)")
-    parser.add_argument("--compile-prefill", action="store_true", help="also time --models prefill under torch.compile")
+    parser.add_argument("--quantize-layers", type=int, default=32, help="Llama-3-8B layers for the quantizing rows (0: skip; default 32)")
+    parser.add_argument("--compile-prefill", action="store_true", help="also time --models prefill under torch.compile (default off)")
     parser.add_argument(
-        "--compile-decode", action="store_true", help="also time the --models decode step compiled + CUDA graph"
+        "--compile-decode", action="store_true", help="also time the --models decode step compiled + CUDA graph (default off)"
     )
     parser.add_argument(
         "--model-phases",
@@ -778,7 +778,7 @@ def add_cli_arguments(parser: Any) -> None:
         "--stock-attention",
         action="store_true",
         help="--models on transformers' own \"sdpa\" attention (copies the KV cache per layer in decode) instead "
-        "of fp8kit_sdpa_gqa; applies to bf16 and FP8 alike",
+        "of fp8kit_sdpa_gqa; applies to bf16 and FP8 alike (default off)",
     )
 
 

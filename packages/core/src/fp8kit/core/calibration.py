@@ -120,6 +120,18 @@ def _output_head(model: nn.Module, modules: dict[str, nn.Module]) -> tuple[str, 
     return next(((name, m) for name, m in modules.items() if m is head), None)
 
 
+def _progress_label(calibration: Iterable[CalibrationBatch]) -> str:
+    """The progress bar's label: "calibrating: 32 batches x 512 tokens" when the data says so."""
+    if not isinstance(calibration, (list, tuple)) or not calibration:
+        return "calibrating"
+    first = calibration[0]
+    ids = first if isinstance(first, torch.Tensor) else first.get("input_ids") if isinstance(first, Mapping) else None
+    if not isinstance(ids, torch.Tensor) or ids.dim() == 0:
+        return f"calibrating: {len(calibration)} batches"
+    rows = ids.shape[0] if ids.dim() > 1 else 1
+    return f"calibrating: {len(calibration)} batches x {f'{rows} x ' if rows > 1 else ''}{ids.shape[-1]} tokens"
+
+
 def _cache_kwarg(model: nn.Module) -> str:
     """transformers renamed `past_key_values` to `cache` (5.2x); use the name this version takes."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -185,7 +197,7 @@ def calibrate(
     model.eval()
     try:
         vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
-        for index, batch in enumerate(tqdm(calibration, desc="Calibrating", unit="batch")):
+        for index, batch in enumerate(tqdm(calibration, desc=_progress_label(calibration), unit="batch")):
             inputs = as_model_inputs(batch, device)
             _check_item(index, inputs, vocab_size)
             mask = inputs.get("attention_mask")

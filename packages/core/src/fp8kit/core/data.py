@@ -102,12 +102,15 @@ def calibration_batches(tokenizer: Any, texts: list[str], num_samples: int = 64,
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, tokenizer: Any, texts: list[str], seq_len: int = 512) -> tuple[float, int]:
-    """(perplexity, number of predicted tokens) of a causal LM over `texts` in non-overlapping windows."""
+def perplexity(
+    model: nn.Module, tokenizer: Any, texts: list[str], seq_len: int = 512, *, desc: str = "perplexity"
+) -> tuple[float, int]:
+    """(perplexity, number of predicted tokens) of a causal LM over `texts` in non-overlapping windows
+    of `seq_len` tokens; `desc` labels the progress bar (e.g. "perplexity: fp8 static per-tensor")."""
     ids = _token_ids(tokenizer, texts)
     device = next(model.parameters()).device
     nll, count = 0.0, 0
-    for window in tqdm(list(ids.split(seq_len)), desc="Perplexity", unit="window"):
+    for window in tqdm(list(ids.split(seq_len)), desc=desc, unit="window"):
         if window.numel() < 2:
             continue
         logits = model(input_ids=window[None].to(device)).logits[0].double()  # (L, V)

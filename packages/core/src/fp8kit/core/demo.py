@@ -42,12 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.manual_seed(0)
+    started = time.perf_counter()
 
     original, tokenizer = load_model("default")
     calibration_docs, heldout_docs = default_texts()
     calibration = calibration_batches(tokenizer, calibration_docs, args.num_samples, args.seq_len)
     rows = []
-    base_ppl, tokens = perplexity(original, tokenizer, heldout_docs, args.seq_len)
+    base_ppl, tokens = perplexity(original, tokenizer, heldout_docs, args.seq_len, desc="perplexity: original (fp32)")
     rows.append(("original (fp32, from Q4_1 GGUF)", base_ppl))
     for name, config in SCHEMES.items():
         start = time.perf_counter()
@@ -64,9 +65,9 @@ def main(argv: list[str] | None = None) -> int:
                 print("error: reloaded checkpoint does not reproduce the saved model", file=sys.stderr)
                 return 1
             model = reloaded
-        ppl, _ = perplexity(model, tokenizer, heldout_docs, args.seq_len)
+        ppl, _ = perplexity(model, tokenizer, heldout_docs, args.seq_len, desc=f"perplexity: {name}")
         rows.append((name, ppl))
-        logger.info("%s done in %.1f s", name, time.perf_counter() - start)
+        print(f"{name}: perplexity {ppl:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
 
     print(f"\nSmolLM2-135M-Instruct perplexity on the held-out text ({tokens} tokens, Python {python_version()}, "
           f"torch {torch.__version__}, windows of {args.seq_len}):")
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name:<45} | {ppl:>10.4f} | {100 * (ppl / base_ppl - 1):>+7.2f}% |")
     if args.analyze:
         print_layer_errors(original, calibration[0])
+    print(f"\ndone in {time.perf_counter() - started:.0f} s")
     return 0
 
 

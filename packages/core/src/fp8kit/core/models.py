@@ -23,7 +23,7 @@ from .checkpoint import build_meta_model, load_quantized, read_quantization_conf
 from .errors import CheckpointError, FP8KitError, ModelLoadError
 from .files import check_safetensors_dir
 
-__all__ = ["DEFAULT_MODEL", "default_gguf_path", "load_model", "is_fp8_checkpoint", "main"]
+__all__ = ["DEFAULT_MODEL", "default_gguf_path", "load_model", "is_fp8_checkpoint", "build_parser", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -146,8 +146,8 @@ def load_model(
 _SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The ``python -m fp8kit.core.models`` command: load MODEL, write it with `save_hf`; exit 2 on bad input."""
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m fp8kit.core.models`` command line."""
     parser = argparse.ArgumentParser(
         prog="python -m fp8kit.core.models",
         description="Write a model (e.g. the embedded default, loaded from GGUF) as a plain Hugging Face safetensors "
@@ -158,9 +158,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save-hf", type=Path, required=True, metavar="DIR", help="output directory (written atomically)")
     parser.add_argument(
         "--dtype", choices=sorted(_SAVE_DTYPES), default="fp32",
-        help="dtype of the saved tensors (default fp32: the GGUF weights dequantized exactly; bf16 halves the files)",
+        help="dtype of the saved tensors (default fp32: the weights as loaded, GGUF ones dequantized; bf16 halves the files)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty DIR (default: refuse)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``python -m fp8kit.core.models`` command: load MODEL, write it with `save_hf`; exit 2 on bad input."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

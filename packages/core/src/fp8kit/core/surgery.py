@@ -292,7 +292,8 @@ def quantize(
 
     modules = dict(model.named_modules())
     spread = len({module_device(modules[name]) for name in targets + expert_targets}) > 1  # over GPUs / CPU / disk
-    bar = tqdm(targets + expert_targets, desc="Quantizing", unit="layer", disable=len(targets) < 8)
+    scheme = f"{config.activation} {config.activation_granularity} activations, {config.weight} weights"
+    bar = tqdm(targets + expert_targets, desc=f"quantizing: {scheme}", unit="layer", disable=len(targets) < 8)
     for name in bar:
         old = modules.pop(name)
         if spread:

@@ -51,14 +51,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight scale granularity when quantizing here (default tensor; a checkpoint keeps its own)")
     p.add_argument("--ignore", nargs="*", default=None, help="module names or 're:' patterns to keep unquantized (default: lm_head)")
     p.add_argument("--opset", type=int, default=19, help="ONNX opset, >= 19 (default 19)")
-    p.add_argument("--batch-range", default="1:8:32", help="MIN:OPT:MAX batch sizes of the TensorRT profile")
-    p.add_argument("--seq-range", default="1:128:2048", help="MIN:OPT:MAX sequence lengths of the TensorRT profile")
+    p.add_argument("--batch-range", default="1:8:32",
+                   help="MIN:OPT:MAX batch sizes of the TensorRT profile in the printed trtexec line (default 1:8:32)")
+    p.add_argument("--seq-range", default="1:128:2048",
+                   help="MIN:OPT:MAX sequence lengths of the TensorRT profile (default 1:128:2048)")
     p.add_argument("--validate-samples", type=int, default=8, help="sequences for the parity check (default 8, at least 2)")
     p.add_argument("--validate-seq-len", type=int, default=64, help="longest validation sequence in tokens (default 64)")
-    p.add_argument("--engine", type=Path, help="also build a strongly typed TensorRT engine here (needs tensorrt)")
-    p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT.onnx")
-    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    p.add_argument("--engine", type=Path,
+                   help="also build a strongly typed TensorRT engine here (needs tensorrt; default: only print the "
+                   "trtexec command)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run model code shipped with MODEL (auto_map); only for code you trust (default off)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT.onnx (default: refuse)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also log fp8kit's details (default: one line per step on stderr)")
     return p
 
 
@@ -117,13 +123,17 @@ def run(args: argparse.Namespace) -> int:
     from .validate import default_level_advice, make_feeds, try_level, validate_onnx
 
     start = time.perf_counter()
+
+    def phase(text: str) -> None:
+        """One line per step on stderr (the result goes to stdout), so minutes of work are never silent."""
+        print(f"[{time.perf_counter() - start:5.0f} s] {text}", file=sys.stderr, flush=True)
+
     batch_range, seq_range = _check_inputs(args)
     dtype = DTYPES[args.dtype]
     texts = read_text_file(args.calibration_file) if args.calibration_file else default_texts()[0]
 
-    logger.info("loading %s", args.model)
+    phase(f"loading {args.model}")
     model, tokenizer = load_model(args.model, dtype=torch.float32, trust_remote_code=args.trust_remote_code)
-    logger.info("loaded %s", type(model).__name__)
     moe = moe_experts_modules(model)
     if moe:
         raise ExportError(
@@ -140,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
     if blocks:  # refused before calibrating anything
         raise ExportError(f"{args.model}: {block_refusal(blocks)}")
     if layers:  # an fp8kit / AutoFP8 checkpoint
+        phase(f"{len(layers)} FP8 layers in the checkpoint; calibrating static scales for any dynamic ones")
         if args.weight is not None:
             logger.warning("--weight is ignored: %s is already quantized (its weight scales are used as they are)", args.model)
         calibrated = calibrate_activations(model, calibration)
@@ -148,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
                   f"on {len(calibration)} windows of the {'calibration file' if args.calibration_file else 'default text'}")
         skipped: dict[str, str] = {}
     else:
+        phase(f"quantizing with static activation scales calibrated on {len(calibration)} windows of {args.seq_len} tokens")
         ignore = {} if args.ignore is None else {"ignore": tuple(args.ignore)}
         config = QuantConfig(weight=args.weight or "tensor", activation="static", **ignore)
         quantize(model, config, calibration)
@@ -164,8 +176,9 @@ def run(args: argparse.Namespace) -> int:
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.", dir=parent))
     try:
         staged = tmpdir / args.out.name
+        phase(f"exporting {type(model).__name__} to ONNX ({args.dtype}, opset {args.opset}; torch.onnx, the longest step)")
         result = export_onnx(model, staged, input_names=input_names, dtype=dtype, opset=args.opset)
-        logger.info("exported %s; checking TensorRT rules", staged)
+        phase("checking the TensorRT FP8 Q/DQ rules")
         violations = check_onnx(staged)
         if violations:
             listing = "\n  ".join(str(v) for v in violations[:20])
@@ -173,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
         sequences = _validation_sequences(tokenizer, texts, args.validate_samples, args.validate_seq_len)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         feeds = make_feeds(sequences, input_names, pad_id=pad_id)
-        logger.info("validating parity on %d sequences", len(sequences))
+        phase(f"validating parity on {len(sequences)} sequences: the model in torch, then ONNX Runtime")
         parity = validate_onnx(staged, model, feeds, dtype=dtype, logits=is_lm, levels=("all",))
         # Passed: move into place (data file first, so OUT.onnx never points at a missing file).
         for item in tmpdir.iterdir():
