@@ -44,13 +44,6 @@ class FakeClock:
         return types.SimpleNamespace(perf_counter=self._read, process_time=self._read)
 
 
-@pytest.fixture
-def restore_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 # ---- the criterion (pure) ---------------------------------------------------------------------
 
 
@@ -165,7 +158,7 @@ def test_plot_legend_names_only_the_drawn_styles_and_neighbours_differ(monkeypat
 # ---- the CLI pins threads and records them ----------------------------------------------------
 
 
-def test_cli_pins_one_thread_on_cpu_and_records_it(tmp_path, restore_threads):
+def test_cli_pins_one_thread_on_cpu_and_records_it(tmp_path):
     torch.set_num_threads(2)
     out = tmp_path / "bench"
     assert main(["--shapes", "4x32x32", "--backends", "torch-fp32", "--device", "cpu", "--out", str(out), "--quiet",
@@ -177,7 +170,7 @@ def test_cli_pins_one_thread_on_cpu_and_records_it(tmp_path, restore_threads):
     assert "| torch_threads | 1 |" in text and "| cpu_timer | cpu (time.process_time) |" in text
 
 
-def test_cli_threads_option_wins_and_uses_the_wall_clock(tmp_path, restore_threads):
+def test_cli_threads_option_wins_and_uses_the_wall_clock(tmp_path):
     out = tmp_path / "bench"
     assert main(["--shapes", "4x32x32", "--backends", "torch-fp32", "--device", "cpu", "--out", str(out), "--quiet",
                  "--min-runs", "2", "--budget-ms", "1", "--threads", "2"]) == 0
@@ -186,7 +179,7 @@ def test_cli_threads_option_wins_and_uses_the_wall_clock(tmp_path, restore_threa
     assert env["torch_threads"] == "2" and env["cpu_timer"] == "wall (time.perf_counter)"
 
 
-def test_cli_refuses_zero_threads(tmp_path, capsys, restore_threads):
+def test_cli_refuses_zero_threads(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--threads", "0", "--out", str(tmp_path / "o")])
     assert exc.value.code == 2
