@@ -486,7 +486,7 @@ def test_reads_hand_built_deepseek_fp8_block_checkpoints(skip_list, tmp_path):
 
 def test_block_scales_of_the_wrong_shape_are_named(tmp_path):
     model = quantized_llama(SCHEMES["block"])
-    save_quantized(model, tmp_path / "ckpt")
+    save_quantized(model, tmp_path / "ckpt", format="fp8")
     tensors = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
     tensors[f"{LAYER}.weight_scale_inv"] = torch.ones(2, 1)
     save_file(tensors, str(tmp_path / "ckpt" / "model.safetensors"))
@@ -508,7 +508,7 @@ def test_block_scales_of_the_wrong_shape_are_named(tmp_path):
 )
 def test_bad_fp8_block_configs_are_refused(qc, message, tmp_path):
     model = quantized_llama(SCHEMES["block"])
-    save_quantized(model, tmp_path / "ckpt")
+    save_quantized(model, tmp_path / "ckpt", format="fp8")
     write_qc(tmp_path / "ckpt", {"quant_method": "fp8", "activation_scheme": "dynamic", **qc})
     with pytest.raises(CheckpointError, match=re.escape(message)):
         load_quantized(tmp_path / "ckpt")

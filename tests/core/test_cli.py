@@ -69,7 +69,7 @@ def test_block_scheme_in_both_formats(tiny_llama_dir, tmp_path, fmt, stream):
     out = tmp_path / "out"
     result = cli(tiny_llama_dir, out, "--weight", "block", "--block-size", "64", "32", "--format", fmt, *([] if stream else ["--no-stream"]))
     assert result.returncode == 0, result.stderr
-    assert ("path: streaming" in result.stdout) == stream
+    assert ("\nhow: streamed" in result.stdout) == stream
     model = load_quantized(out)
     config = model.fp8kit_config
     assert (config.weight, config.activation_granularity, config.block_size, config.group_size) == ("block", "group", (64, 32), 32)
@@ -170,7 +170,7 @@ def test_help_names_the_format_and_who_reads_it():
     assert "--format" in out_dir.help and "compressed-tensors" in out_dir.help
     # which consumers read which format, transformers' misreading of "fp8" included
     assert "compressed-tensors: vLLM, SGLang, transformers" in text
-    assert "fp8: vLLM, SGLang, AutoFP8, fp8kit (not transformers" in text
+    assert "fp8: vLLM, SGLang, AutoFP8, fp8kit; transformers only with block weights (it misreads per-tensor" in text
 
 
 def _summary_value(stdout, prefix):

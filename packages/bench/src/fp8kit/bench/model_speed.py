@@ -769,10 +769,10 @@ def add_cli_arguments(parser: Any) -> None:
         default=",".join(DEFAULT_PHASES),
         help="--models phases to run: prefill,decode (default) and/or generate (model.generate tokens/s, static cache)",
     )
-    parser.add_argument("--decode-batch", type=int, default=8, help="--models: sequences per decode step / generate call")
-    parser.add_argument("--generate-tokens", type=int, default=64, help="--models: new tokens per model.generate call")
+    parser.add_argument("--decode-batch", type=int, default=8, help="--models: sequences per decode step / generate call (default 8)")
+    parser.add_argument("--generate-tokens", type=int, default=64, help="--models: new tokens per model.generate call (default 64)")
     parser.add_argument(
-        "--generate-eager-only", action="store_true", help="--models generate phase: only the disable_compile=True rows"
+        "--generate-eager-only", action="store_true", help="--models generate phase: only the disable_compile=True rows (default: both)"
     )
     parser.add_argument(
         "--stock-attention",
