@@ -224,7 +224,7 @@ def odd_shaped_dir(path: Path) -> Path:
 
 CORE_BAD_ARGS = {
     "unknown-scheme": (["--activation", "smart"], r"invalid choice: 'smart'"),
-    "unknown-weight-scheme": (["--weight", "block"], r"invalid choice: 'block'"),
+    "unknown-weight-scheme": (["--weight", "int8"], r"invalid choice: 'int8'"),
     "non-integer-samples": (["--num-samples", "many"], r"invalid int value: 'many'"),
     "zero-samples": (["--activation", "static", "--num-samples", "0"], r"--num-samples \(0\) and --seq-len \(512\) must be positive"),
     "negative-seq-len": (["--activation", "static", "--seq-len", "-5"], r"--seq-len \(-5\) must be positive"),
