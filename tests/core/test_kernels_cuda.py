@@ -415,9 +415,11 @@ def recip_quantize(x, scale):
 def fused_inputs(m, n, k, act, bias_dtype):
     """(x for the kernel, wq, ws, x_scale for the kernel, bias, (xq, xs) as the kernel quantizes x, seed)."""
     x_rowwise = act in ("token", "fp8-token")
-    xq, wq, xs, ws, bias, seed = fp8_operands(m, n, k, x_rowwise, act != "static", bias_dtype)
-    x = (xq.float() * xs).to(torch.bfloat16)  # bf16 activations (values on a scaled FP8 grid, mostly)
-    x = x + torch.randn_like(x) * x.abs().amax() * 2**-12  # ... and off it
+    _, wq, _, ws, bias, seed = fp8_operands(m, n, k, x_rowwise, act != "static", bias_dtype)
+    g = torch.Generator(device="cuda").manual_seed(seed + 1)
+    # bf16 activations off the FP8 grid (their quantization error is FP8's), rows of different magnitudes.
+    x = torch.randn(m, k, generator=g, device="cuda") * torch.exp2(torch.randint(-6, 3, (m, 1), generator=g, device="cuda").float())
+    x = x.to(torch.bfloat16)
     if act == "static":
         xs = scaling.tensor_scale(x) * 0.8  # the largest values clamp
         return x, wq, ws, xs, bias, (recip_quantize(x, xs), xs), seed

@@ -670,6 +670,9 @@ def scale_epilogue(
 #: Activation modes of `fused_linear` (the kernel's ACT constexpr).
 FUSED_ACTIVATIONS = {"static": 0, "tensor": 1, "token": 2, "fp8": 3}
 _FUSED_MAX_BLOCK_M = 64
+# Without fast accumulation the kernel adds the FP8 MMA's partial sums into an fp32 accumulator every this
+# many K columns (Hopper's FP8 MMA accumulates in fewer bits than fp32; cuBLAS / CUTLASS promote likewise).
+_PROMOTE_K = 128
 
 
 def _define_fused_linear():
@@ -695,7 +698,7 @@ def _define_fused_linear():
         FLOOR_BITS: tl.constexpr, ACT: tl.constexpr, SX_ROWS: tl.constexpr, SW_ROWS: tl.constexpr,
         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         SPLIT_K: tl.constexpr, FLAT_AMAX: tl.constexpr, AMAX_BLOCK: tl.constexpr, AMAX_STAGES: tl.constexpr,
-        EXACT_DIV: tl.constexpr, EMULATE_CAST: tl.constexpr,
+        EXACT_DIV: tl.constexpr, PROMOTE_K: tl.constexpr, EMULATE_CAST: tl.constexpr,
     ):  # fmt: skip
         # Program p: output columns of tile p // SPLIT_K, K range p % SPLIT_K (K_SPLIT columns, a
         # multiple of BLOCK_K). The GEMM is computed transposed (out.T = W @ xq.T, "swap AB"), so the
@@ -750,7 +753,10 @@ def _define_fused_linear():
                 v = tl.minimum(v, 448.0, propagate_nan=tl.PropagateNan.ALL)
                 xq = _to_fp8_grid(v, EMULATE_CAST)  # (BLOCK_M, BLOCK_K) fp8
             w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-            acc = tl.dot(w, tl.trans(xq), acc)  # (BLOCK_N, BLOCK_M) fp32
+            if PROMOTE_K:  # add the FP8 MMA's partial sums into fp32 every PROMOTE_K columns of K
+                acc = tl.dot(w, tl.trans(xq), acc, max_num_imprecise_acc=PROMOTE_K)  # (BLOCK_N, BLOCK_M) fp32
+            else:  # Triton's default on sm_90: the MMA's own accumulator throughout (fast accumulation)
+                acc = tl.dot(w, tl.trans(xq), acc)
 
         out_offs = rows.to(tl.int64)[None, :] * N + cols[:, None]  # (BLOCK_N, BLOCK_M): out is [M, N]
         out_mask = col_mask[:, None] & row_mask[None, :]
@@ -903,6 +909,7 @@ def fused_plan(
     x_scale_rows: bool = False,
     weight_scale_rows: bool = False,
     has_bias: bool = False,
+    fast_accum: bool = False,
     device: torch.device,
     tiles: FusedTiles | None = None,
 ) -> FusedPlan | None:
@@ -910,8 +917,9 @@ def fused_plan(
     to be allocated during CUDA-graph capture (call once outside capture first).
 
     activation: "static" / "tensor" / "token" (x in bf16 / fp16 / fp32, quantized in the kernel) or
-    "fp8" (x already FP8 with x_scale fp32 [] or, with `x_scale_rows`, [M, 1]).
-    Raises ValueError for a shape or dtype the kernel does not take.
+    "fp8" (x already FP8 with x_scale fp32 [] or, with `x_scale_rows`, [M, 1]). fast_accum: keep the
+    FP8 MMA's own accumulator over all of K (as `_scaled_mm(use_fast_accum=True)`); else its partial sums
+    go into fp32 every 128 columns of K. Raises ValueError for a shape or dtype the kernel does not take.
     """
     tiles = tiles or FusedTiles()
     if activation not in FUSED_ACTIVATIONS:
@@ -949,7 +957,8 @@ def fused_plan(
         amax_block = max(16, min(_next_pow2(k), _next_pow2(tiles.amax_block) // block_m))
     plan.consts = (
         _FLOOR_BITS, act, x_scale_rows, weight_scale_rows, has_bias, block_m, tiles.block_n, tiles.block_k, split_k,
-        flat_amax, amax_block, tiles.amax_stages, tiles.exact_div, _interpreting(),
+        flat_amax, amax_block, tiles.amax_stages, tiles.exact_div, 0 if fast_accum else min(_PROMOTE_K, tiles.block_k),
+        _interpreting(),
     )  # fmt: skip
     plan.ws, plan.cnt = workspace
     plan._direct = None
@@ -967,6 +976,7 @@ def fused_linear(
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     tiles: FusedTiles | None = None,
+    fast_accum: bool = False,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``quantize(x) @ weight.T * x_scale * weight_scale + bias`` for skinny x, in one launch: [M, N].
@@ -977,8 +987,9 @@ def fused_linear(
     `quantize_per_token`'s) or "fp8"; bias [N] or None; out_dtype defaults to x's (bf16 for fp8 x).
     The activation is quantized as ``cast_fp8(clamp(x / scale, -448, 448))`` (the quantize kernels' FP8
     values; `FusedTiles.exact_div=False` multiplies by the reciprocal instead), the products are
-    accumulated in fp32 on the tensor cores, and both scales are applied to the fp32 sum before one
-    rounding to out_dtype. Not bit-identical to `_scaled_mm` (accumulation order); as accurate.
+    accumulated on the tensor cores (into fp32 every 128 columns of K unless `fast_accum`, see
+    `fused_plan`), and both scales are applied to the fp32 sum before one rounding to out_dtype. Not
+    bit-identical to `_scaled_mm` (accumulation order).
     """
     if x.dim() != 2 or weight.dim() != 2 or weight.dtype != _FP8_DTYPE or x.shape[1] != weight.shape[1]:
         raise ValueError(
@@ -1003,7 +1014,8 @@ def fused_linear(
     plan = fused_plan(
         m, n, k, activation, x_dtype=x.dtype, out_dtype=out_dtype,
         x_scale_rows=x_scale is not None and x_scale.numel() != 1 and activation == "fp8",
-        weight_scale_rows=weight_scale.numel() != 1, has_bias=bias is not None, device=device, tiles=tiles,
+        weight_scale_rows=weight_scale.numel() != 1, has_bias=bias is not None, fast_accum=fast_accum, device=device,
+        tiles=tiles,
     )  # fmt: skip
     if plan is None:
         raise RuntimeError("fused_linear: the split-K workspace cannot be allocated during CUDA-graph capture; call it once before capturing")

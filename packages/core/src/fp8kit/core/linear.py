@@ -195,7 +195,7 @@ class FP8Linear(FixedDtypeBuffers):
         entry = skinny.plan_for(
             self._skinny_scheme, m, self.out_features, self.in_features, x_dtype=dtype,
             weight_scale_rows=self.weight_scale.dim() != 0, has_bias=self.bias is not None, device=device,
-            capturing=capturing,
+            capturing=capturing, fast_accum=self.use_fast_accum,
         )  # fmt: skip
         out = None
         if entry is not None:

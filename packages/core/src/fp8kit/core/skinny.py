@@ -135,9 +135,11 @@ def plan_for(
     has_bias: bool,
     device: torch.device,
     capturing: bool = False,
+    fast_accum: bool = False,
 ) -> tuple[str, kernels.FusedPlan] | None:
     """(mode, launch plan) of the fused kernel where the table says it is faster, else None (existing path).
 
+    fast_accum: `FP8Linear.use_fast_accum` (see `kernels.fused_plan`).
     mode "fused": the plan takes the high-precision x; "prequant": the plan takes x quantized by
     `scaling.quantize_activation` (FP8 [M, K] and its scale). `capturing`: inside CUDA-graph capture
     (the rule's `graph` mode), else its `eager` mode. None also where the kernels cannot run on `device`
@@ -154,6 +156,7 @@ def plan_for(
     plan = kernels.fused_plan(
         m, n, k, "fp8" if prequant else scheme, x_dtype=kernels._FP8_DTYPE if prequant else x_dtype,
         out_dtype=x_dtype, x_scale_rows=prequant and scheme == "token" and m > 1,
-        weight_scale_rows=weight_scale_rows, has_bias=has_bias, device=device, tiles=_tiles(rule, n, k, device),
+        weight_scale_rows=weight_scale_rows, has_bias=has_bias, fast_accum=fast_accum, device=device,
+        tiles=_tiles(rule, n, k, device),
     )  # fmt: skip
     return None if plan is None else (mode, plan)
