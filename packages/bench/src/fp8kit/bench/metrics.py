@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 __all__ = [
-    "NOISE_SPREAD",
-    "NOISE_DRIFT",
+    "NOISE_MEDIAN_CI",
+    "NOISE_TAIL",
+    "median_ci",
     "latency_stats",
     "linear_flops",
     "linear_bytes",
@@ -30,12 +31,22 @@ __all__ = [
 ]
 
 
-#: A row is `noisy` when (p90 - p10) / median exceeds this: a tenth of its calls took 1.5x the
-#: median longer than another tenth (preemption, frequency changes, a shared machine).
-NOISE_SPREAD = 0.5
-#: ... or when the medians of the first and second half of its calls differ by more than this
-#: fraction of the overall median (the machine's load changed during the row).
-NOISE_DRIFT = 0.25
+#: A row is `noisy` when the 95% confidence interval of its median (from order statistics, no
+#: distribution assumed) is wider than +-10% of the median: too few calls, or calls spread so widely
+#: (a busy machine, preemption, a bimodal timer) that the median could be elsewhere ...
+NOISE_MEDIAN_CI = 0.10
+#: ... or when its p90 is more than 3x the median: a tenth of the calls or more were slowed down that
+#: much, so the machine was not the machine the median describes.
+NOISE_TAIL = 3.0
+
+
+def median_ci(sorted_times: np.ndarray) -> tuple[float, float]:
+    """The 95% confidence interval of the median of `sorted_times` (ascending): the order statistics
+    of ranks n/2 -+ 0.98 sqrt(n) (binomial, normal approximation), clipped to the sample."""
+    n = sorted_times.size
+    lo = max(0, int(np.floor(n / 2 - 0.98 * np.sqrt(n))))
+    hi = min(n - 1, int(np.ceil(n / 2 + 0.98 * np.sqrt(n))))
+    return float(sorted_times[lo]), float(sorted_times[hi])
 
 
 def latency_stats(times_ms: Sequence[float]) -> dict[str, float | bool]:
@@ -43,9 +54,9 @@ def latency_stats(times_ms: Sequence[float]) -> dict[str, float | bool]:
 
     Percentiles interpolate linearly between order statistics (numpy's default, so the median of
     [1, 2, 3, 4] is 2.5); std is the sample standard deviation (ddof=1), 0.0 for a single run.
-    latency_spread = (p90 - p10) / median (dimensionless); noisy: spread > NOISE_SPREAD, or (from
-    6 runs on) the medians of the two halves of the calls, in call order, differ by more than
-    NOISE_DRIFT x the median: the median cannot be trusted, rerun on an idle machine.
+    latency_spread = (p90 - p10) / median (dimensionless, for the reader); noisy: the median's 95%
+    confidence interval (`median_ci`) is wider than +-NOISE_MEDIAN_CI x the median, or p90 exceeds
+    NOISE_TAIL x the median: the median cannot be trusted, rerun on an idle machine or with more runs.
     An empty input gives runs=0, NaN for every statistic and noisy=False.
     """
     t = np.asarray(times_ms, dtype=np.float64)
@@ -66,8 +77,8 @@ def latency_stats(times_ms: Sequence[float]) -> dict[str, float | bool]:
     median = float(np.median(t))
     p10, p90 = (float(v) for v in np.percentile(t, [10, 90]))
     spread = (p90 - p10) / median if median > 0 else 0.0
-    half = t.size // 2
-    drift = abs(float(np.median(t[:half])) - float(np.median(t[half:]))) / median if t.size >= 6 and median > 0 else 0.0
+    lo, hi = median_ci(np.sort(t))
+    noisy = median > 0 and ((hi - lo) / 2 > NOISE_MEDIAN_CI * median or p90 > NOISE_TAIL * median)
     return {
         "runs": int(t.size),
         "latency_ms_median": median,
@@ -76,7 +87,7 @@ def latency_stats(times_ms: Sequence[float]) -> dict[str, float | bool]:
         "latency_ms_mean": float(t.mean()),
         "latency_ms_std": float(t.std(ddof=1)) if t.size > 1 else 0.0,
         "latency_spread": spread,
-        "noisy": bool(spread > NOISE_SPREAD or drift > NOISE_DRIFT),
+        "noisy": bool(noisy),
     }
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .metrics import NOISE_DRIFT, NOISE_SPREAD, ceiling_share, floor_ms, floor_ratio
+from .metrics import NOISE_MEDIAN_CI, NOISE_TAIL, ceiling_share, floor_ms, floor_ratio
 from .timing import HOST_CLOCKS
 from .workloads import ceiling_backend_id
 
@@ -306,11 +306,11 @@ def write_markdown(
     noisy = int(frame["noisy"].sum()) if "noisy" in frame.columns else 0
     if noisy:
         parts.append(
-            f"**{noisy} of {len(frame)} rows are noisy**: their calls spread too widely around the median "
-            f"((p90 - p10) / median > {NOISE_SPREAD}) or drifted during the run (half medians differ by more "
-            f"than {NOISE_DRIFT:.0%}), so their medians and ratios cannot be trusted; they are marked `noisy` "
-            "below and drawn hollow in the plots. Rerun on an idle machine, with `--threads 1` on a CPU, "
-            "or with a larger `--min-runs` / `--budget-ms`.\n"
+            f"**{noisy} of {len(frame)} rows are noisy**: the 95% confidence interval of their median is wider "
+            f"than +-{NOISE_MEDIAN_CI:.0%}, or their p90 is over {NOISE_TAIL:g}x the median (a busy machine), so "
+            "their medians and ratios cannot be trusted; they are marked `noisy` below and drawn hollow in the "
+            "plots. Rerun on an idle machine, with `--threads 1` on a CPU, or with a larger `--min-runs` / "
+            "`--budget-ms`.\n"
         )
     pivot = speedup_pivot(frame)
     if not pivot.empty:
