@@ -15,6 +15,12 @@ from fp8kit.core.models import load_model
 
 pytestmark = pytest.mark.slow
 MAX_INCREASE = 0.04
+# GPTQ (per-token activations, per-channel weights, 8 x 512 calibration tokens): measured +1.45% on the
+# held-out text (docs/BENCHMARKS.md, "Accuracy algorithms"); max scales give +1.84%. The bound is the
+# max-scale result: GPTQ must stay strictly better than max scales (a margin of 0.39 points, 27% of
+# FP8's loss, for torch / Python differences), and a GPTQ that stops compensating errors, or pushes
+# them the wrong way, lands at or above +1.84%.
+GPTQ_MAX_INCREASE = 0.0184
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +59,14 @@ def test_static_perplexity_after_save_and_reload(smollm2, tmp_path):
     probe = batches[0]["input_ids"][:, :32]
     with torch.no_grad():
         assert torch.equal(q(probe).logits, reloaded(probe).logits)
+
+
+def test_gptq_per_token_perplexity_beats_max_scales(smollm2):
+    model, tokenizer, calibration, heldout, base, _ = smollm2
+    import copy
+
+    batches = calibration_batches(tokenizer, calibration, num_samples=8, seq_len=512)
+    config = QuantConfig(weight="channel", activation_granularity="token", algorithm="gptq")
+    q = quantize(copy.deepcopy(model), config, batches)
+    ppl, _ = perplexity(q, tokenizer, heldout)
+    assert 1 - 0.01 < ppl / base < 1 + GPTQ_MAX_INCREASE, (ppl, base)

@@ -94,6 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-file", type=Path,
                    help="UTF-8 text for static / KV-cache calibration (default: the built-in text, Python's docstrings)")
     p.add_argument("--num-samples", type=int, default=32, help="calibration windows of --seq-len tokens (default 32)")
+    p.add_argument("--algorithm", choices=["max", "mse", "gptq"], default="max",
+                   help="weight rounding (README 'Choosing an algorithm'): max scales (default), mse (scale search, "
+                   "no data), gptq (error-compensating rounding on calibration data; in-memory path)")
+    p.add_argument("--smoothing", type=float, default=None, metavar="ALPHA",
+                   help="SmoothQuant: move ALPHA (0..1) of the activations' per-channel range into the weights, folded "
+                   "into the norms (needs calibration; default off, not recommended for FP8: see README)")
+    p.add_argument("--gptq-block-size", type=int, default=128, help="GPTQ lazy-update block in columns (default 128)")
+    p.add_argument("--gptq-dampening", type=float, default=0.01,
+                   help="GPTQ diagonal dampening, fraction of the mean Hessian diagonal (default 0.01)")
+    p.add_argument("--gptq-act-order", action="store_true",
+                   help="GPTQ: quantize columns by decreasing input energy (saved in the original order; default off)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--ignore", nargs="*", default=None,
                    help="module names or 're:' patterns to keep in high precision (default: re:.*lm_head)")
@@ -175,8 +186,10 @@ def stream_skip_reason(args: argparse.Namespace, config: QuantConfig) -> str | N
         return "--no-stream given"
     if args.device_map is not None:
         return "--device-map given"
-    if config.activation == "static" or config.kv_cache:
-        return "static activation / KV-cache scales need calibration, which runs the whole model"
+    if config.needs_calibration:
+        return "static activation / KV-cache scales, gptq and --smoothing need calibration, which runs the whole model"
+    if config.algorithm != "max":
+        return f"--algorithm {config.algorithm} (streaming rounds with max scales)"
     if args.dtype is not None:
         return "--dtype given (streaming keeps the stored dtype)"
     if not is_safetensors_checkpoint(args.model):
@@ -281,6 +294,11 @@ def run(args: argparse.Namespace) -> int:
         use_fast_accum=args.fast_accum,
         block_size=tuple(args.block_size),
         group_size=args.block_size[1] if args.group_size is None else args.group_size,
+        algorithm=args.algorithm,
+        smoothing=args.smoothing,
+        gptq_block_size=args.gptq_block_size,
+        gptq_dampening=args.gptq_dampening,
+        gptq_act_order=args.gptq_act_order,
         **ignore,
     )
     if config.weight == "channel" and args.format == "fp8":
@@ -298,7 +316,7 @@ def run(args: argparse.Namespace) -> int:
         return run_streaming(args, config)
     logger.info("loading %s whole (%s)", args.model, reason)
     texts = None
-    if config.activation == "static" or config.kv_cache:
+    if config.needs_calibration:
         if args.num_samples < 1 or args.seq_len < 1:
             raise ConfigError(f"--num-samples ({args.num_samples}) and --seq-len ({args.seq_len}) must be positive")
         texts = read_text_file(args.calibration_file) if args.calibration_file else default_texts()[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +16,7 @@ from .errors import CalibrationError
 from .experts import expert_input_amax
 from .offload import execution_device
 
-__all__ = ["CalibrationStats", "calibrate", "as_model_inputs"]
+__all__ = ["CalibrationStats", "InputStats", "calibrate", "calibrate_sequential", "decoder_blocks", "as_model_inputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -236,3 +236,154 @@ def calibrate(
         )
     logger.info("calibrated on %d batches, %d tokens", stats.batches, stats.tokens)
     return stats
+
+
+@dataclass
+class InputStats:
+    """What one Linear's inputs looked like over the calibration tokens (unmasked rows only).
+
+    channel_amax: fp32 [K], the absmax of each input channel. hessian: fp32 [K, K], the second
+    moment ``sum x x^T / tokens`` (None when not asked for). tokens: rows seen.
+    """
+
+    channel_amax: torch.Tensor
+    hessian: torch.Tensor | None = None
+    tokens: int = 0
+
+    def add(self, rows: torch.Tensor) -> None:
+        """Fold in rows [R, K] of the input."""
+        rows = rows.float()
+        self.channel_amax = torch.maximum(self.channel_amax, rows.abs().amax(dim=0))
+        if self.hessian is not None:
+            total = self.tokens + rows.shape[0]
+            self.hessian.mul_(self.tokens / total).addmm_(rows.t(), rows, alpha=1.0 / total)  # running mean
+        self.tokens += rows.shape[0]
+
+    def rescale(self, factors: torch.Tensor) -> None:
+        """The statistics of the input divided by `factors` [K] per channel (after smoothing)."""
+        self.channel_amax = self.channel_amax / factors
+        if self.hessian is not None:
+            inverse = 1.0 / factors
+            self.hessian = self.hessian * inverse[:, None] * inverse[None, :]
+
+
+class _Captured(Exception):
+    """Raised by the hook on the first block: its inputs are recorded, the rest of the model is not run."""
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList | None:
+    """The model's stack of repeated blocks (transformers' decoder layers): the longest `nn.ModuleList`."""
+    best = None
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 1 and (best is None or len(module) > len(best)):
+            best = module
+    return best
+
+
+@torch.no_grad()
+def calibrate_sequential(
+    model: nn.Module,
+    layer_names: list[str],
+    calibration: Iterable[CalibrationBatch],
+    on_block: Callable[[dict[str, InputStats]], None],
+    *,
+    hessians: bool,
+) -> int:
+    """Calibrate block by block: `on_block` sees each block's input statistics and may quantize it.
+
+    The calibration inputs of the first decoder block are recorded once; then, for each block in
+    order, its forward on those inputs gathers `InputStats` of its layers in `layer_names`,
+    `on_block(stats)` runs (surgery swaps the block's layers there), and the block's forward again,
+    now quantized, gives the next block's inputs. So each layer is calibrated on inputs that carry
+    the error of the layers quantized before it (as GPTQ does), and memory holds one block's
+    statistics (with `hessians`, a [K, K] matrix per layer) plus the hidden states of the
+    calibration tokens. Layers outside the blocks, or a model without a block stack, are calibrated
+    in one pass over the whole model instead. Returns the number of calibration tokens.
+    """
+    modules = dict(model.named_modules())
+    missing = [name for name in layer_names if name not in modules]
+    if missing:
+        raise CalibrationError(f"calibrate_sequential: no modules named {missing}")
+    device = execution_device(model)
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    blocks = decoder_blocks(model)
+    block_of = {}
+    if blocks is not None:
+        for index, block in enumerate(blocks):
+            for name, module in block.named_modules():
+                block_of[id(module)] = index
+    outside = [name for name in layer_names if id(modules[name]) not in block_of]
+    state: dict[str, torch.Tensor | None] = {"mask": None}
+    cached: list[tuple[tuple, dict[str, Any], torch.Tensor | None]] = []  # (args, kwargs, mask) of block 0
+
+    def observe(names: list[str]) -> tuple[dict[str, InputStats], list]:
+        stats: dict[str, InputStats] = {}
+
+        def make_hook(name: str):
+            def hook(module: nn.Module, args: tuple) -> None:
+                rows = _valid_rows(args[0], state["mask"])  # (R, K)
+                if name not in stats:
+                    k = rows.shape[-1]
+                    h = torch.zeros(k, k, device=rows.device) if hessians else None
+                    stats[name] = InputStats(torch.zeros(k, device=rows.device), h)
+                if rows.numel():
+                    stats[name].add(rows)
+
+            return hook
+
+        return stats, [modules[name].register_forward_pre_hook(make_hook(name)) for name in names]
+
+    def capture(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        cached.append((tuple(args), dict(kwargs), state["mask"]))
+        raise _Captured
+
+    outside_stats, handles = observe(outside)
+    if blocks is not None:
+        handles.append(blocks[0].register_forward_pre_hook(capture, with_kwargs=True))
+    was_training = model.training
+    model.eval()
+    tokens = 0
+    try:
+        for index, batch in enumerate(tqdm(calibration, desc="Calibrating inputs", unit="batch")):
+            inputs = as_model_inputs(batch, device)
+            _check_item(index, inputs, vocab_size)
+            mask = inputs.get("attention_mask")
+            state["mask"] = mask.bool() if mask is not None else None
+            try:
+                model(**inputs, use_cache=False)
+            except _Captured:
+                pass
+            ids = inputs.get("input_ids")
+            tokens += int(state["mask"].sum()) if state["mask"] is not None else (ids.numel() if ids is not None else 0)
+        if tokens == 0 and not cached:
+            raise CalibrationError("calibration data is empty: give at least one batch of model inputs")
+        for handle in handles:
+            handle.remove()
+        handles = []
+        if outside_stats or outside:
+            on_block(outside_stats)
+        if blocks is not None:
+            for index, block in enumerate(tqdm(blocks, desc="Quantizing blocks", unit="block")):
+                names = [name for name in layer_names if block_of.get(id(modules[name])) == index]
+                stats, handles = observe(names)
+                for args, kwargs, mask in cached:
+                    state["mask"] = mask
+                    block(*args, **kwargs)
+                for handle in handles:
+                    handle.remove()
+                handles = []
+                empty = [name for name in names if name not in stats or stats[name].tokens == 0]
+                if empty:
+                    raise CalibrationError(f"calibration: layers {empty} saw no unmasked input position")
+                on_block(stats)
+                if index + 1 < len(blocks):
+                    for i, (args, kwargs, mask) in enumerate(cached):
+                        out = block(*args, **kwargs)
+                        hidden = out[0] if isinstance(out, tuple) else out
+                        cached[i] = ((hidden, *args[1:]), kwargs, mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    logger.info("calibrated block by block on %d tokens", tokens)
+    return tokens

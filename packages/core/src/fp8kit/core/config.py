@@ -9,16 +9,18 @@ from typing import Any, Literal
 
 from .errors import ConfigError
 
-__all__ = ["QuantConfig", "WeightGranularity", "ActivationScheme", "ActivationGranularity"]
+__all__ = ["QuantConfig", "WeightGranularity", "ActivationScheme", "ActivationGranularity", "Algorithm"]
 
 WeightGranularity = Literal["tensor", "channel", "block"]
 ActivationScheme = Literal["dynamic", "static"]
 ActivationGranularity = Literal["tensor", "token", "group"]
+Algorithm = Literal["max", "mse", "gptq"]
 
 _CHOICES = {
     "weight": ("tensor", "channel", "block"),
     "activation": ("dynamic", "static"),
     "activation_granularity": ("tensor", "token", "group"),
+    "algorithm": ("max", "mse", "gptq"),
 }
 
 
@@ -44,6 +46,16 @@ class QuantConfig:
         `moe_calibrate_all_experts`), so each expert gets scales from the layer's real inputs.
         False: each expert sees only the tokens routed to it (an expert that saw none takes the
         largest scale of its layer's other experts: see `experts.static_input_scales`).
+    algorithm: how weights are rounded (README "Choosing an algorithm"): "max" (scale = absmax / 448,
+        round to nearest), "mse" (the scale among clipped / shifted candidates with the least squared
+        weight error; no data needed), "gptq" (GPTQ on the FP8 grid with MSE scales: needs calibration
+        data, layers calibrated block by block on the already-quantized model's inputs).
+    smoothing: SmoothQuant migration strength alpha in [0, 1], or None (off): per-channel activation
+        range moved into the weights and folded into the preceding norm / projection, so the
+        unquantized model computes the same function. Needs calibration data.
+    gptq_block_size / gptq_dampening / gptq_act_order: GPTQ's lazy-update block (columns), diagonal
+        dampening (fraction of the mean Hessian diagonal) and column order (decreasing Hessian
+        diagonal; codes are saved in the original order either way).
     """
 
     weight: WeightGranularity = "tensor"
@@ -55,6 +67,11 @@ class QuantConfig:
     block_size: tuple[int, int] = (128, 128)
     group_size: int = 128
     calibrate_all_experts: bool = True
+    algorithm: Algorithm = "max"
+    smoothing: float | None = None
+    gptq_block_size: int = 128
+    gptq_dampening: float = 0.01
+    gptq_act_order: bool = False
 
     def __post_init__(self) -> None:
         for name, choices in _CHOICES.items():
@@ -79,6 +96,12 @@ class QuantConfig:
                 "block weights go with 1 x group_size activation groups and nothing else (the pairing torch's "
                 "block-wise GEMM, vLLM and transformers run); use weight='block', activation_granularity='group'"
             )
+        if self.smoothing is not None and not 0.0 <= self.smoothing <= 1.0:
+            raise ConfigError(f"QuantConfig.smoothing={self.smoothing!r} must be None or an alpha in [0, 1]")
+        if self.gptq_block_size < 1:
+            raise ConfigError(f"QuantConfig.gptq_block_size={self.gptq_block_size!r} must be a positive number of columns")
+        if not 0.0 <= self.gptq_dampening < 1.0:
+            raise ConfigError(f"QuantConfig.gptq_dampening={self.gptq_dampening!r} must be in [0, 1) (e.g. 0.01)")
         if isinstance(self.ignore, str):
             raise ConfigError("QuantConfig.ignore must be a list of names or 're:' patterns, not one string")
         object.__setattr__(self, "ignore", tuple(self.ignore))
@@ -113,6 +136,15 @@ class QuantConfig:
                     f"QuantConfig.group_size={group} must equal block_size[1]={block[1]} (the activation groups "
                     "along K line up with the weight blocks, as every block-wise FP8 GEMM needs)"
                 )
+    @property
+    def needs_calibration(self) -> bool:
+        """True when quantizing needs calibration data (static scales, KV scales, GPTQ or smoothing)."""
+        return self.activation == "static" or self.kv_cache or self.algorithm == "gptq" or self.smoothing is not None
+
+    @property
+    def sequential(self) -> bool:
+        """True when layers are calibrated block by block on the partly quantized model (GPTQ, smoothing)."""
+        return self.algorithm == "gptq" or self.smoothing is not None
 
     def is_ignored(self, name: str) -> bool:
         """True when the module `name` matches an `ignore` entry."""

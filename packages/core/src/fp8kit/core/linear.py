@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import scaling, skinny
+from . import algorithms, scaling, skinny
 from .config import QuantConfig
 
 __all__ = ["FP8Linear", "FixedDtypeBuffers"]
@@ -95,9 +95,17 @@ class FP8Linear(FixedDtypeBuffers):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, config: QuantConfig, input_scale: torch.Tensor | None = None
+        cls,
+        linear: nn.Linear,
+        config: QuantConfig,
+        input_scale: torch.Tensor | None = None,
+        hessian: torch.Tensor | None = None,
     ) -> "FP8Linear":
-        """Quantize `linear`'s weight (on its device) per `config`; `input_scale` for static activations."""
+        """Quantize `linear`'s weight (on its device) per `config`; `input_scale` for static activations.
+
+        hessian: fp32 [K, K] second moment of the layer's inputs, for `config.algorithm` "gptq" (and
+        to weight the "mse" search by input channel); see `algorithms.quantize_weight`.
+        """
         weight_hp = linear.weight.detach()
         new = cls(
             linear.in_features,
@@ -111,8 +119,8 @@ class FP8Linear(FixedDtypeBuffers):
             device=weight_hp.device,
             dtype=weight_hp.dtype,
         )
-        # Triton kernels on a GPU (no fp32 temporaries), else torch: weight_scale (N, 1), () or blocks.
-        weight_fp8, weight_scale = scaling.quantize_weight(weight_hp, config.weight, config.block_size)
+        # "max": Triton kernels on a GPU (no fp32 temporaries), else torch: weight_scale (N, 1), () or blocks.
+        weight_fp8, weight_scale = algorithms.quantize_weight(weight_hp, config, hessian)
         new.weight.copy_(weight_fp8)
         new.weight_scale.copy_(weight_scale)
         if config.weight == "block":

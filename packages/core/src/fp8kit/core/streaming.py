@@ -387,6 +387,12 @@ def _check_config(config: QuantConfig, format: str) -> None:
             f"quantize_checkpoint: {what} needs calibration, which streaming cannot do; load the model and use "
             "fp8kit.core.quantize + save_quantized (the CLI's in-memory path, --no-stream)"
         )
+    if config.algorithm != "max" or config.smoothing is not None:
+        raise ConfigError(
+            f"quantize_checkpoint: algorithm={config.algorithm!r} / smoothing={config.smoothing!r}: streaming rounds "
+            "with max scales only; load the model and use fp8kit.core.quantize + save_quantized (the CLI's "
+            "in-memory path, --no-stream)"
+        )
     check_format(format)
 
 

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import CalibrationBatch, calibrate
+from .algorithms import smoothing_factors
+from .calibration import CalibrationBatch, InputStats, calibrate, calibrate_sequential
 from .config import QuantConfig
 from .errors import CalibrationError, ConfigError, ModelLoadError
 from .experts import FP8Experts, canonical_weight, experts_layout, static_input_scales
@@ -19,7 +20,16 @@ from .linear import FP8Linear
 from .offload import is_offloaded, materialized, module_device, reoffload_like
 from .scaling import amax_to_scale
 
-__all__ = ["QuantReport", "quantize", "select_linears", "select_experts", "is_router", "attach_kv_scales"]
+__all__ = [
+    "QuantReport",
+    "quantize",
+    "select_linears",
+    "select_experts",
+    "is_router",
+    "attach_kv_scales",
+    "fold_smoothing",
+    "SMOOTHING_MAPS",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -230,6 +240,101 @@ def attach_kv_scales(model: nn.Module, key_scale: dict[int, torch.Tensor], value
     return names
 
 
+#: SmoothQuant folds inside a transformers decoder block: (source, layers that read its output), names
+#: relative to the block. A norm source divides its weight (and bias) by the factors; a Linear source
+#: divides its output rows; the layers multiply their input columns: the block computes the same function.
+SMOOTHING_MAPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ("mlp.up_proj", ("mlp.down_proj",)),
+)
+
+
+def _foldable(source: nn.Module, channels: int) -> str | None:
+    """Why `source`'s output cannot absorb per-channel factors, or None when it can."""
+    if isinstance(source, nn.Linear):
+        return None if source.out_features == channels else f"has {source.out_features} outputs, not {channels}"
+    weight = getattr(source, "weight", None)
+    name = type(source).__name__
+    if not isinstance(weight, torch.Tensor) or weight.shape != (channels,):
+        return f"{name} has no per-channel weight of {channels} elements"
+    if "Gemma" in name:
+        return f"{name} scales by (1 + weight), which a factor on its weight does not fold into"
+    if not (name.endswith("RMSNorm") or isinstance(source, nn.LayerNorm)):
+        return f"{name} is not a known norm (RMSNorm or LayerNorm)"
+    return None
+
+
+@torch.no_grad()
+def fold_smoothing(source: nn.Module, layers: list[nn.Linear], factors: torch.Tensor) -> None:
+    """Divide `source`'s output channels by `factors` [K] and multiply `layers`' input columns by them.
+
+    source: a norm (RMSNorm / LayerNorm: weight and bias divided) or an `nn.Linear` (output rows and
+    bias divided) whose output is the input of every layer in `layers`. In exact arithmetic the model
+    computes the same function; in floating point it differs by the rounding of the products.
+    """
+    inverse = 1.0 / factors.float()
+    if isinstance(source, nn.Linear):
+        source.weight.copy_(source.weight.float() * inverse[:, None])
+    else:
+        source.weight.copy_(source.weight.float() * inverse)
+    if getattr(source, "bias", None) is not None:
+        source.bias.copy_(source.bias.float() * inverse)
+    for layer in layers:
+        layer.weight.copy_(layer.weight.float() * factors.float()[None, :])
+
+
+def _smooth(model: nn.Module, stats: dict[str, InputStats], alpha: float) -> None:
+    """Apply `SMOOTHING_MAPS` to the layers in `stats` (one block) and rescale their statistics."""
+    for source_suffix, layer_suffixes in SMOOTHING_MAPS:
+        for name in [n for n in stats if n.endswith("." + layer_suffixes[0]) or n == layer_suffixes[0]]:
+            prefix = name[: len(name) - len(layer_suffixes[0])]
+            names = [prefix + suffix for suffix in layer_suffixes]
+            source_name = prefix + source_suffix
+            if not all(n in stats for n in names):
+                logger.info("no smoothing into %s: not every one of %s is quantized", source_name, names)
+                continue
+            try:
+                source = model.get_submodule(source_name)
+            except AttributeError:
+                continue
+            layers = [model.get_submodule(n) for n in names]
+            channels = layers[0].in_features
+            reason = _foldable(source, channels)
+            if reason is not None:
+                logger.info("no smoothing into %s: %s", source_name, reason)
+                continue
+            weight_amax = torch.stack([layer.weight.detach().abs().amax(dim=0).float() for layer in layers]).amax(dim=0)
+            factors = smoothing_factors(stats[names[0]].channel_amax, weight_amax, alpha)  # [K]
+            fold_smoothing(source, layers, factors)
+            for n in names:
+                stats[n].rescale(factors)
+
+
+def _swap(
+    model: nn.Module,
+    old: nn.Module,
+    name: str,
+    config: QuantConfig,
+    input_scale: torch.Tensor | None = None,
+    hessian: torch.Tensor | None = None,
+    expert_scales: dict[str, torch.Tensor] | None = None,
+    experts: bool = False,
+) -> None:
+    """Replace `old` (named `name`: an `nn.Linear`, or fused experts when `experts`) by its FP8 module, where
+    its weights live; `hessian` of the inputs for GPTQ."""
+    with materialized(old) as hook:  # offloaded (accelerate): real weights on the execution device meanwhile
+        if experts:
+            new = FP8Experts.from_experts(old, config, expert_scales)
+        else:
+            if hook is not None and not torch.isfinite(old.weight).all():
+                raise ModelLoadError(f"layer {name}: weight {tuple(old.weight.shape)} contains NaN or Inf")
+            new = FP8Linear.from_linear(old, config, input_scale, hessian)
+    if hook is not None:
+        reoffload_like(new, hook)  # the FP8 tensors go back to the offload map (CPU), not the GPU
+    _replace(model, old, new)
+
+
 def quantize(
     model: nn.Module,
     config: QuantConfig | None = None,
@@ -242,7 +347,10 @@ def quantize(
     `down_proj`, `experts.experts_layout`) an `FP8Experts`, one layer at a time where its weights
     live (no second copy of the model). MoE router gates stay in high precision. `calibration`
     (an iterable of input-id tensors or dicts of model inputs) is required for static activation
-    scales and for KV-cache scales. Sets `model.fp8kit_config` and `model.fp8kit_report` (a
+    scales, KV-cache scales, GPTQ and smoothing (`config.needs_calibration`). With GPTQ or smoothing
+    (`config.sequential`) layers are calibrated and quantized decoder block by decoder block, each on the
+    inputs the already-quantized blocks before it produce (`calibration.calibrate_sequential`); static
+    scales then come from those inputs too. Sets `model.fp8kit_config` and `model.fp8kit_report` (a
     `QuantReport`, whose `summary()` gives the FP8 share and every high-precision matrix).
     """
     config = QuantConfig() if config is None else config
@@ -251,16 +359,28 @@ def quantize(
     targets, skipped = select_linears(model, config)
     expert_targets, expert_skipped = select_experts(model, config)
     skipped.update(expert_skipped)
-    needs_calibration = config.activation == "static" or config.kv_cache
-    if needs_calibration and calibration is None:
-        what = "activation='static'" if config.activation == "static" else "kv_cache=True"
+    if config.needs_calibration and calibration is None:
+        what = (
+            "activation='static'" if config.activation == "static"
+            else "kv_cache=True" if config.kv_cache
+            else f"algorithm={config.algorithm!r}" if config.algorithm == "gptq"
+            else "smoothing"
+        )
         raise CalibrationError(f"quantize: {what} needs calibration data: pass calibration=[input_ids or dicts, ...]")
+    if config.sequential and expert_targets:
+        raise ConfigError(
+            f"quantize: algorithm={config.algorithm!r} / smoothing={config.smoothing!r} do not handle fused MoE experts "
+            f"yet ({expert_targets[:3]}...): use algorithm='max' / 'mse' without smoothing, or ignore the experts"
+        )
+    if config.needs_calibration:
+        calibration = list(calibration)  # may be read twice (KV scales, then block by block)
+    static_in_one_pass = config.activation == "static" and not config.sequential
 
     input_scales: dict[str, torch.Tensor] = {}
     expert_scales: dict[str, dict[str, torch.Tensor]] = {}
     report = QuantReport(skipped=skipped)
-    if needs_calibration:
-        static = config.activation == "static"
+    if static_in_one_pass or config.kv_cache:
+        static = static_in_one_pass
         stats = calibrate(
             model,
             targets if static else [],
@@ -291,25 +411,30 @@ def quantize(
             )
 
     modules = dict(model.named_modules())
-    spread = len({module_device(modules[name]) for name in targets + expert_targets}) > 1  # over GPUs / CPU / disk
-    scheme = f"{config.activation} {config.activation_granularity} activations, {config.weight} weights"
-    bar = tqdm(targets + expert_targets, desc=f"quantizing: {scheme}", unit="layer", disable=len(targets) < 8)
-    for name in bar:
-        old = modules.pop(name)
-        if spread:
-            bar.set_postfix_str(module_device(old), refresh=False)
-        with materialized(old) as hook:  # offloaded (accelerate): real weights on the execution device meanwhile
-            if name in expert_targets:
-                new = FP8Experts.from_experts(old, config, expert_scales.get(name))
-            else:
-                if hook is not None and not torch.isfinite(old.weight).all():
-                    raise ModelLoadError(f"layer {name}: weight {tuple(old.weight.shape)} contains NaN or Inf")
-                new = FP8Linear.from_linear(old, config, input_scales.get(name))
-        if hook is not None:
-            reoffload_like(new, hook)  # the FP8 tensors go back to the offload map (CPU), not the GPU
-        _replace(model, old, new)
-        del old
-        report.quantized.append(name)
+    if config.sequential:
+
+        def on_block(stats: dict[str, InputStats]) -> None:
+            if config.smoothing is not None:
+                _smooth(model, stats, config.smoothing)
+            for name, layer_stats in stats.items():
+                static_scale = amax_to_scale(layer_stats.channel_amax.max()) if config.activation == "static" else None
+                _swap(model, modules.pop(name), name, config, static_scale, layer_stats.hessian)
+                report.quantized.append(name)
+
+        calibrate_sequential(model, targets, calibration, on_block, hessians=config.algorithm == "gptq")
+        for name in [t for t in targets if t not in report.quantized]:
+            skipped[name] = "received no input during calibration, so it has no statistics"
+    else:
+        spread = len({module_device(modules[name]) for name in targets + expert_targets}) > 1  # GPUs / CPU / disk
+        scheme = f"{config.activation} {config.activation_granularity} activations, {config.weight} weights"
+        bar = tqdm(targets + expert_targets, desc=f"quantizing: {scheme}", unit="layer", disable=len(targets) < 8)
+        for name in bar:
+            if spread:
+                bar.set_postfix_str(module_device(modules[name]), refresh=False)
+            experts = name in expert_targets
+            _swap(model, modules.pop(name), name, config, input_scales.get(name),
+                  expert_scales=expert_scales.get(name), experts=experts)
+            report.quantized.append(name)
     for name, reason in skipped.items():
         logger.info("kept %s in high precision: %s", name, reason)
     if not report.quantized:
