@@ -1,16 +1,25 @@
-"""Validation of safetensors files and shard indexes before anything loads them.
+"""Validation of model files before anything loads them, and the file-system rules of fp8kit's outputs.
 
-Reads only headers (8-byte length + JSON), so it costs a few KB per file whatever the model size,
-and turns every way a file can be broken (truncated, bad header, offsets past the end, a pickle
-under a .safetensors name, an index naming an absent shard) into a `CheckpointError` naming the
-file and, where there is one, the tensor.
+Reads only headers (safetensors: 8-byte length + JSON; GGUF: key-value pairs and tensor infos), so it
+costs a few KB per file whatever the model size, and turns every way a file can be broken (truncated at
+any byte, a header of any JSON shape or nesting, offsets past the end or overlapping, a pickle under a
+.safetensors name, an index naming an absent shard, a config.json of wrong types) into a
+`CheckpointError` naming the file and, where there is one, the tensor or field. Only regular files are
+read (a FIFO, device or socket under a model file's name is refused, never opened).
+
+Outputs: `check_disjoint` keeps an output away from the input it is made from (no overlap in either
+direction, through symlinks or ``..``), and `copy_model_files` copies a model folder's extra files
+(tokenizer, generation config) as regular files only, never through a symlink that leaves the folder.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import shutil
+import stat
 import struct
 from pathlib import Path
 from typing import Any
@@ -18,14 +27,70 @@ from typing import Any
 from .errors import CheckpointError
 
 __all__ = [
-    "INDEX_NAME", "SAFETENSORS_DTYPE_BYTES", "read_safetensors_header", "read_index", "check_safetensors_dir", "exchange_paths"]
+    "INDEX_NAME",
+    "SAFETENSORS_DTYPE_BYTES",
+    "read_safetensors_header",
+    "read_index",
+    "check_safetensors_dir",
+    "read_json",
+    "check_config_dict",
+    "check_gguf_file",
+    "check_disjoint",
+    "copy_model_files",
+    "exchange_paths",
+]
+
+logger = logging.getLogger(__name__)
 
 SAFETENSORS_DTYPE_BYTES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F4": 1,
     "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
 }
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit
+_MAX_JSON = 64 * 2**20  # config.json / index files: far above any real one
 INDEX_NAME = "model.safetensors.index.json"
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _open_regular(file: Path) -> int:
+    """A read-only descriptor of `file` (symlinks followed) once fstat shows a regular file.
+
+    O_NONBLOCK keeps the open of a FIFO from waiting for a writer; the check is on the opened
+    descriptor, so the file cannot be swapped for a special one between check and read.
+    """
+    try:
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise CheckpointError(f"{file}: cannot read: {exc.strerror or exc}") from exc
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise CheckpointError(f"{file}: is {_kind(mode)}; fp8kit reads model files only from regular files")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def read_json(file: str | os.PathLike, what: str = "JSON file") -> Any:
+    """The parsed JSON of a regular file of at most 64 MiB; a `CheckpointError` naming the file on any
+    problem (special file, not UTF-8, not JSON, nested past the parser's depth limit)."""
+    file = Path(file)
+    fd = _open_regular(file)
+    with os.fdopen(fd, "rb") as f:
+        raw = f.read(_MAX_JSON + 1)
+    if len(raw) > _MAX_JSON:
+        raise CheckpointError(f"{file}: larger than {_MAX_JSON // 2**20} MiB; not a {what}")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise CheckpointError(f"{file}: not a valid {what}: {reason}") from None
 
 
 def _pickle_hint(head: bytes) -> str:
@@ -34,17 +99,26 @@ def _pickle_hint(head: bytes) -> str:
     return ""
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def read_safetensors_header(file: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """The tensor entries of a safetensors file's header, validated against the file's size.
 
-    Returns {tensor name: {"dtype", "shape", "data_offsets"}} (without "__metadata__"). Raises
-    `CheckpointError` naming the file (and tensor) when the file is truncated or not safetensors.
+    Returns {tensor name: {"dtype", "shape", "data_offsets"}} (without "__metadata__"). The rules
+    are those of the `safetensors` package, so that the streaming path (which reads this header
+    itself) and the in-memory one accept exactly the same files: a JSON object with no key twice,
+    each entry a known dtype, a shape of non-negative integers and [start, end] offsets, the tensors'
+    byte ranges tiling the data section with no gap or overlap. Raises `CheckpointError` naming the
+    file (and tensor) when the file is truncated, special (FIFO, device) or not safetensors.
     """
     file = Path(file)
     bad = f"{file}: not a readable safetensors file"
+    fd = _open_regular(file)
     try:
-        size = file.stat().st_size
-        with open(file, "rb") as f:
+        with os.fdopen(fd, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise CheckpointError(f"{bad}: truncated ({size} bytes); a safetensors file starts with an 8-byte header length")
@@ -57,41 +131,70 @@ def read_safetensors_header(file: str | os.PathLike) -> dict[str, dict[str, Any]
             raw = f.read(length)
     except OSError as exc:
         raise CheckpointError(f"{file}: cannot read: {exc}") from exc
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise CheckpointError(f"{bad}: the header names {key!r} twice")
+            out[key] = value
+        return out
+
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{bad}: the header is not valid JSON ({exc}){_pickle_hint(head)}") from exc
+        header = json.loads(raw, object_pairs_hook=no_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise CheckpointError(f"{bad}: the header is not valid JSON ({reason}){_pickle_hint(head)}") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{bad}: the header is not a JSON object")
     data_bytes = size - 8 - length
-    tensors = {}
-    def start(item: tuple[str, Any]) -> int:
-        offsets = item[1].get("data_offsets") if isinstance(item[1], dict) else None
-        return offsets[0] if isinstance(offsets, list) and offsets and isinstance(offsets[0], int) else -1
-
-    for name, entry in sorted(header.items(), key=start):  # in file order: a truncation names the first tensor cut
+    tensors: dict[str, dict[str, Any]] = {}
+    for name, entry in header.items():
         if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise CheckpointError(f"{bad}: __metadata__ must be an object of strings, got {_short(entry)}")
             continue
-        try:
-            dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            ok = all(isinstance(d, int) and d >= 0 for d in shape) and isinstance(start, int) and isinstance(end, int)
-        except (KeyError, TypeError, ValueError):
-            ok = False
-        if not ok or dtype not in SAFETENSORS_DTYPE_BYTES:
-            raise CheckpointError(f"{bad}: tensor {name}: malformed header entry {entry!r}")
-        if not 0 <= start <= end <= data_bytes:
+        ok = isinstance(entry, dict) and {"dtype", "shape", "data_offsets"} <= set(entry)
+        if ok:
+            dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+            ok = (
+                isinstance(dtype, str) and dtype in SAFETENSORS_DTYPE_BYTES
+                and isinstance(shape, list) and all(_is_count(d) for d in shape)
+                and isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+            )
+        if not ok:
+            raise CheckpointError(f"{bad}: tensor {name}: malformed header entry {_short(entry)}")
+        tensors[name] = entry
+    in_order = sorted(tensors.items(), key=lambda kv: tuple(kv[1]["data_offsets"]))  # file order
+    for name, entry in in_order:  # a truncation names the first tensor cut
+        start, stop = entry["data_offsets"]
+        if stop > data_bytes or start > stop:
             raise CheckpointError(
-                f"{bad}: tensor {name}: data_offsets [{start}, {end}] run past the end of the data "
+                f"{bad}: tensor {name}: data_offsets [{start}, {stop}] run past the end of the data "
                 f"({data_bytes} bytes): the file is truncated or corrupted"
             )
+    end = 0
+    for name, entry in in_order:
+        start, stop = entry["data_offsets"]
+        if start != end:
+            what = "overlap the previous tensor's" if start < end else f"leave a gap after byte {end} of the"
+            raise CheckpointError(f"{bad}: tensor {name}: data_offsets [{start}, {stop}] {what} data (corrupted header)")
+        dtype, shape = entry["dtype"], entry["shape"]
         need = math.prod(shape) * SAFETENSORS_DTYPE_BYTES[dtype]
-        if dtype != "F4" and end - start != need:
+        if dtype != "F4" and stop - start != need:
             raise CheckpointError(
                 f"{bad}: tensor {name}: {dtype} {shape} needs {need} bytes "
-                f"but data_offsets [{start}, {end}] hold {end - start}"
+                f"but data_offsets [{start}, {stop}] hold {stop - start}"
             )
-        tensors[name] = entry
+        end = stop
+    if end != data_bytes:
+        raise CheckpointError(f"{bad}: {data_bytes - end} bytes after the last tensor's data (corrupted or appended to)")
     return tensors
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def read_index(path: str | os.PathLike) -> dict[str, list[str]] | None:
@@ -99,19 +202,19 @@ def read_index(path: str | os.PathLike) -> dict[str, list[str]] | None:
     when there is no index. Every shard must be a plain file name of an existing file in `path`."""
     path = Path(path)
     index_path = path / INDEX_NAME
-    if not index_path.is_file():
+    if not index_path.exists():
         return None
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise TypeError("weight_map is not an object of tensor name -> file name")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{index_path}: not a valid safetensors index: {exc}") from exc
+    index = read_json(index_path, "safetensors index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(
+            f"{index_path}: not a valid safetensors index: needs \"weight_map\", an object of tensor name -> file name"
+        )
     by_file: dict[str, list[str]] = {}
     for tensor, filename in weight_map.items():
         by_file.setdefault(filename, []).append(tensor)
     for filename, names in sorted(by_file.items()):
-        if Path(filename).name != filename:
+        if not filename or Path(filename).name != filename or filename in (".", ".."):
             raise CheckpointError(f"{index_path}: shard {filename!r} of tensor {names[0]} is not a file name in {path}")
         if not (path / filename).is_file():
             shown = ", ".join(sorted(names)[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
@@ -122,24 +225,273 @@ def read_index(path: str | os.PathLike) -> dict[str, list[str]] | None:
 def check_safetensors_dir(path: str | os.PathLike) -> dict[str, tuple[Path, dict[str, Any]]]:
     """Validate the safetensors weights of a model directory (index and every shard) from their headers.
 
-    Returns {tensor name: (file, header entry)}. With an index, every shard it names must exist and
-    hold the tensors the index assigns to it.
+    Returns {tensor name: (file, header entry)}: the tensors a loader reads, which are those of
+    model.safetensors, or with an index those of every shard it names. Each shard must exist and hold
+    the tensors the index assigns to it; a tensor stored in two shards is refused (which copy counts
+    would depend on the reader). Other *.safetensors files (adapters, ...) are not weights of the model.
     """
     path = Path(path)
     by_file = read_index(path)
-    found: dict[str, tuple[Path, dict[str, Any]]] = {}
     if by_file is None:
-        for file in sorted(path.glob("*.safetensors")):
-            found.update({name: (file, entry) for name, entry in read_safetensors_header(file).items()})
-        return found
+        by_file = {"model.safetensors": []} if (path / "model.safetensors").exists() else {}
+    found: dict[str, tuple[Path, dict[str, Any]]] = {}
     for filename, names in by_file.items():
         file = path / filename
-        header = read_safetensors_header(file)
+        try:
+            header = read_safetensors_header(file)
+        except CheckpointError as exc:
+            if names and "tensor " not in str(exc):  # name a tensor the broken shard was to hold
+                raise CheckpointError(f"{exc} [{INDEX_NAME} puts tensor {sorted(names)[0]} in it]") from None
+            raise
         for name in sorted(names):
             if name not in header:
                 raise CheckpointError(f"{file}: tensor {name} is missing; {INDEX_NAME} says this file holds it")
-        found.update({name: (file, entry) for name, entry in header.items()})
+        for name, entry in header.items():
+            if name in found:
+                raise CheckpointError(
+                    f"{file}: tensor {name} is also stored in {found[name][0].name}; a tensor must be stored once"
+                )
+            found[name] = (file, entry)
     return found
+
+
+# --------------------------------------------------------------------------- config.json
+
+# config.json fields a model is built from: each must be a positive integer when present.
+_POSITIVE_INT_FIELDS = (
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "vocab_size", "max_position_embeddings", "head_dim", "num_local_experts", "num_experts",
+    "num_experts_per_tok", "moe_intermediate_size",
+)
+_MAX_DIM = 2**24  # no real model has a dimension, vocabulary or layer count above this
+_FLOAT_FIELDS = ("rms_norm_eps", "layer_norm_eps", "rope_theta", "initializer_range")
+_BOOL_FIELDS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_cache")
+
+
+def check_config_dict(config: Any, file: str | os.PathLike) -> dict[str, Any]:
+    """`config` (a parsed config.json) if the fields fp8kit and transformers build the model from have
+    sane types and values, else a `CheckpointError` naming `file` and the field.
+
+    architectures: a non-empty list of strings; model_type: a string; sizes and counts: integers in
+    [1, 2**24] (`num_key_value_heads` dividing `num_attention_heads`); eps / theta: finite positive numbers.
+    """
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(config).__name__}")
+
+    def bad(field: str, want: str) -> CheckpointError:
+        return CheckpointError(f"{file}: {field} must be {want}, got {_short(config[field], 80)}")
+
+    architectures = config.get("architectures")
+    if architectures is not None and (
+        not isinstance(architectures, list) or not all(isinstance(a, str) and a for a in architectures)
+    ):
+        raise bad("architectures", "a list of class names (strings)")
+    if "model_type" in config and not isinstance(config["model_type"], str):
+        raise bad("model_type", "a string")
+    for field in _POSITIVE_INT_FIELDS:
+        value = config.get(field)
+        if value is not None and not (_is_count(value) and 1 <= value <= _MAX_DIM):
+            raise bad(field, f"an integer in [1, {_MAX_DIM}]")
+    heads, kv_heads = config.get("num_attention_heads"), config.get("num_key_value_heads")
+    if heads is not None and kv_heads is not None and heads % kv_heads:
+        raise CheckpointError(f"{file}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+    for field in _FLOAT_FIELDS:
+        value = config.get(field)
+        if value is not None and not (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+        ):
+            raise bad(field, "a finite positive number")
+    for field in _BOOL_FIELDS:
+        if config.get(field) is not None and not isinstance(config[field], bool):
+            raise bad(field, "true or false")
+    return config
+
+
+# --------------------------------------------------------------------------- GGUF
+
+_GGUF_MAGIC = b"GGUF"
+# GGUF value type -> struct format of one scalar (8 = string, 9 = array are variable-sized)
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+class _Cursor:
+    """Bounds-checked little-endian reads of a GGUF file's header: every read past the end is named."""
+
+    def __init__(self, file: Path, f: Any, size: int) -> None:
+        self.file, self.f, self.size, self.pos = file, f, size, 0
+
+    def take(self, n: int, what: str) -> bytes:
+        if n < 0 or self.pos + n > self.size:
+            raise CheckpointError(
+                f"{self.file}: not a readable GGUF file: truncated at byte {self.size} while reading {what} "
+                f"(needs bytes [{self.pos}, {self.pos + n}))"
+            )
+        data = self.f.read(n)
+        if len(data) != n:
+            raise CheckpointError(f"{self.file}: not a readable GGUF file: the file shrank while being read")
+        self.pos += n
+        return data
+
+    def unpack(self, fmt: str, what: str) -> Any:
+        return struct.unpack("<" + fmt, self.take(struct.calcsize(fmt), what))[0]
+
+    def string(self, what: str) -> str:
+        raw = self.take(self.unpack("Q", f"the length of {what}"), what)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{self.file}: not a readable GGUF file: {what} is not UTF-8") from None
+
+    def count(self, what: str, min_item_bytes: int) -> int:
+        n = self.unpack("Q", what)
+        if n * min_item_bytes > self.size - self.pos:
+            raise CheckpointError(
+                f"{self.file}: not a readable GGUF file: {what} is {n}, more than the {self.size} byte file can hold"
+            )
+        return n
+
+    def value(self, vtype: int, what: str, depth: int = 0) -> Any:
+        if vtype in _GGUF_SCALARS:
+            return self.unpack(_GGUF_SCALARS[vtype], what)
+        if vtype == 8:
+            return self.string(what)
+        if vtype == 9 and depth == 0:
+            item_type = self.unpack("I", f"the item type of {what}")
+            n = self.count(f"the length of {what}", 1 if item_type in (0, 1, 7) else 2 if item_type in (2, 3) else 4)
+            return [self.value(item_type, f"item {i} of {what}", depth + 1) for i in range(n)]
+        raise CheckpointError(f"{self.file}: not a readable GGUF file: {what} has unknown value type {vtype}")
+
+
+def check_gguf_file(file: str | os.PathLike) -> dict[str, Any]:
+    """Validate a GGUF file's header, tensor table and data size before anything parses it.
+
+    Returns the key-value metadata. Raises `CheckpointError` naming the file and the field being
+    read when the file is truncated at any byte, is not GGUF, or holds a tensor whose data runs past
+    the end (the `gguf` reader would fail with struct / index / memmap errors instead).
+    """
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    file = Path(file)
+    fd = _open_regular(file)
+    with os.fdopen(fd, "rb") as f:
+        cur = _Cursor(file, f, os.fstat(f.fileno()).st_size)
+        if cur.take(4, "the magic number") != _GGUF_MAGIC:
+            raise CheckpointError(f"{file}: not a GGUF file (it does not start with 'GGUF')")
+        version = cur.unpack("I", "the version")
+        if version not in (2, 3):
+            raise CheckpointError(f"{file}: GGUF version {version} is not supported (2 or 3)")
+        n_tensors = cur.count("the tensor count", 8 + 4 + 4 + 8)
+        n_kv = cur.count("the key-value count", 8 + 4)
+        metadata: dict[str, Any] = {}
+        for i in range(n_kv):
+            key = cur.string(f"key {i}")
+            metadata[key] = cur.value(cur.unpack("I", f"the type of {key}"), key)
+        tensors = []
+        for i in range(n_tensors):
+            name = cur.string(f"the name of tensor {i}")
+            n_dims = cur.unpack("I", f"the rank of tensor {name}")
+            if n_dims > 8:
+                raise CheckpointError(f"{file}: not a readable GGUF file: tensor {name} has rank {n_dims}")
+            dims = [cur.unpack("Q", f"the shape of tensor {name}") for _ in range(n_dims)]
+            ggml_type = cur.unpack("I", f"the type of tensor {name}")
+            offset = cur.unpack("Q", f"the data offset of tensor {name}")
+            try:
+                block, type_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+            except (ValueError, KeyError):
+                raise CheckpointError(f"{file}: tensor {name} has unknown GGML type {ggml_type}") from None
+            numel = math.prod(dims)
+            if numel % block:
+                raise CheckpointError(f"{file}: tensor {name}: {numel} elements is not a multiple of its block size {block}")
+            tensors.append((name, offset, numel // block * type_bytes))
+        alignment = metadata.get("general.alignment", 32)
+        if not _is_count(alignment) or alignment == 0:
+            raise CheckpointError(f"{file}: general.alignment must be a positive integer, got {_short(alignment, 80)}")
+        data_start = -(-cur.pos // alignment) * alignment
+        for name, offset, nbytes in tensors:
+            if data_start + offset + nbytes > cur.size:
+                raise CheckpointError(
+                    f"{file}: not a readable GGUF file: tensor {name} ({nbytes} bytes at offset {offset}) runs past the "
+                    f"end of the file ({cur.size} bytes): the file is truncated"
+                )
+    return metadata
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def check_disjoint(source: str | os.PathLike, output: str | os.PathLike, source_name: str, output_name: str) -> None:
+    """Refuse (`CheckpointError`) an output that is, contains or lies inside `source` after resolving
+    symlinks and ``..`` (for a path that does not exist yet, its existing ancestors are resolved).
+
+    Replacing OUT_DIR then can never delete or rewrite MODEL, whatever the spelling of either.
+    """
+    src, out = Path(os.path.realpath(source)), Path(os.path.realpath(output))
+    if src == out:
+        relation = "is"
+    elif src in out.parents:
+        relation = "is inside"
+    elif out in src.parents:
+        relation = "contains"
+    else:
+        return
+    resolved = "" if (Path(source), Path(output)) == (src, out) else f" (resolved: {out} and {src})"
+    raise CheckpointError(
+        f"{output_name} {output} {relation} {source_name} {source}{resolved}: writing there could overwrite or "
+        "delete the input; choose an output outside it"
+    )
+
+
+# Extra files of a Hugging Face cache snapshot are symlinks into the repository's blobs/ folder.
+_HF_CACHE_SNAPSHOTS = "snapshots"
+
+
+def _allowed_roots(src: Path) -> list[Path]:
+    """Where a symlink in `src` may point: inside `src`, or inside `<repo>/blobs` for a Hugging Face
+    cache snapshot `<repo>/snapshots/<revision>` (every file there is such a symlink)."""
+    roots = [src]
+    if src.parent.name == _HF_CACHE_SNAPSHOTS:
+        roots.append(src.parent.parent / "blobs")
+    return roots
+
+
+def copy_model_files(src: str | os.PathLike, dst: str | os.PathLike, exclude: Any) -> list[tuple[str, str]]:
+    """Copy the top-level regular files of model folder `src` into `dst`, except those `exclude(name)` rejects.
+
+    Never read: directories, FIFOs, devices, sockets, and symlinks that resolve outside `src` (or outside
+    a Hugging Face cache snapshot's blobs/ folder). Each file is opened without following a final symlink
+    once resolved, and checked as a regular file on the open descriptor. Returns [(name, reason)] of the
+    files skipped; each is logged as a warning.
+    """
+    src, dst = Path(src), Path(dst)
+    roots = [Path(os.path.realpath(r)) for r in _allowed_roots(src)]
+    skipped: list[tuple[str, str]] = []
+    for item in sorted(src.iterdir()):
+        if item.name.startswith(".") or exclude(item.name):
+            continue
+        target = Path(os.path.realpath(item))
+        if item.is_symlink() and not any(r in target.parents for r in roots):
+            skipped.append((item.name, f"a symlink to {target}, outside the model folder"))
+            continue
+        if target.is_dir():
+            logger.info("not copying %s: a directory", item)
+            continue
+        try:
+            fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            skipped.append((item.name, f"cannot be opened ({exc.strerror})"))
+            continue
+        with os.fdopen(fd, "rb") as f:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                skipped.append((item.name, f"{_kind(mode)}, not a regular file"))
+                continue
+            os.set_blocking(fd, True)
+            with open(dst / item.name, "xb") as out:
+                shutil.copyfileobj(f, out)
+            shutil.copymode(target, dst / item.name)
+    for name, reason in skipped:
+        logger.warning("not copying %s from %s: %s", name, src, reason)
+    return skipped
 
 
 def exchange_paths(a: str | os.PathLike, b: str | os.PathLike) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ModelLoadError
+from .errors import ConfigError, ModelLoadError
 
 __all__ = [
     "offload_hook",
@@ -29,7 +29,34 @@ __all__ = [
     "dispatch",
     "device_summary",
     "module_device",
+    "resolve_device",
 ]
+
+
+def resolve_device(device: str | torch.device | None, what: str = "device") -> torch.device:
+    """`device` as a torch.device this machine has: None means "cuda" when available, else "cpu".
+
+    A name torch does not know ("tpu", "cuda:x"), a CUDA device on a machine without one, or a GPU
+    index past the last is a `ConfigError` naming `what` (the argument) and the devices there are.
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(device, (str, torch.device)):
+        raise ConfigError(f"{what}={device!r}: expected a device name such as 'cpu' or 'cuda:0'")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"{what}={device!r} is not a device name ('cpu', 'cuda', 'cuda:0', ...): {exc}") from None
+    if resolved.type == "cpu" or resolved.type == "meta":
+        return resolved
+    if resolved.type != "cuda":
+        raise ConfigError(f"{what}={device!r}: fp8kit runs on 'cpu' or 'cuda' devices, not {resolved.type!r}")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ConfigError(f"{what}={device!r}: this machine has no CUDA GPU usable by torch; use 'cpu'")
+    if resolved.index is not None and resolved.index >= count:
+        raise ConfigError(f"{what}={device!r}: there are {count} CUDA device(s) (cuda:0 .. cuda:{count - 1})")
+    return resolved
 
 
 def _hooks(module: nn.Module) -> list:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +43,8 @@ from .checkpoint.moe import disk_expert_linears, disk_renamer, disk_state, ignor
 from .checkpoint.writer import SAFETENSORS_DTYPES, pack_shards, shard_names, write_config, write_index
 from .config import QuantConfig
 from .errors import CheckpointError, ConfigError, ModelLoadError
-from .files import INDEX_NAME, read_index, read_safetensors_header
+from .files import INDEX_NAME, check_disjoint, check_safetensors_dir, copy_model_files, read_index, read_safetensors_header
+from .offload import resolve_device
 from .surgery import select_experts, select_linears
 
 __all__ = [
@@ -105,15 +105,11 @@ def _data_start(file: Path) -> int:
         return 8 + int.from_bytes(f.read(8), "little")
 
 
-def _file_entries(file: Path, holds: str = "") -> dict[str, TensorEntry]:
+def _file_entries(file: Path) -> dict[str, TensorEntry]:
     """The tensors of `file` from its validated header (`files.read_safetensors_header`)."""
+    header = read_safetensors_header(file)
     try:
-        header = read_safetensors_header(file)
         start = _data_start(file)
-    except CheckpointError as exc:
-        if holds and "tensor " not in str(exc):
-            raise CheckpointError(f"{exc} [{INDEX_NAME} puts tensor {holds} in it]") from exc
-        raise
     except OSError as exc:
         raise CheckpointError(f"{file}: cannot read: {exc}") from exc
     entries = {}
@@ -133,6 +129,7 @@ def checkpoint_entries(directory: str | os.PathLike) -> dict[str, TensorEntry]:
     every error names the file and, where there is one, the tensor.
     """
     path = Path(directory)
+    check_safetensors_dir(path)  # the rules of the in-memory path: both accept and refuse the same files
     by_file = read_index(path)
     weight_map = None if by_file is None else {n: f for f, names in by_file.items() for n in names}
     if by_file is None:
@@ -143,7 +140,7 @@ def checkpoint_entries(directory: str | os.PathLike) -> dict[str, TensorEntry]:
     entries: dict[str, TensorEntry] = {}
     for filename, listed in by_file.items():
         file = path / filename
-        found = _file_entries(file, listed[0] if listed else "")
+        found = _file_entries(file)
         if weight_map is not None:
             absent = [n for n in listed if n not in found]
             if absent:
@@ -397,14 +394,13 @@ def _check_config(config: QuantConfig, format: str) -> None:
 
 
 def _copy_other_files(src: Path, dst: Path) -> None:
-    """Tokenizer, generation_config and other top-level non-weight files (never pickles or weights)."""
-    for item in sorted(src.iterdir()):
-        if item.name in _SKIP_NAMES or item.name.startswith("."):
-            continue
-        if not item.is_file() or item.suffix in _WEIGHT_SUFFIXES or item.name.endswith(".index.json"):
-            logger.info("not copying %s (weights, a directory or not a regular file)", item)
-            continue
-        shutil.copy2(item, dst / item.name)
+    """Tokenizer, generation_config and other top-level non-weight files (never pickles or weights), as
+    regular files only (`files.copy_model_files`: no symlink out of `src`, no FIFO or device)."""
+
+    def exclude(name: str) -> bool:
+        return name in _SKIP_NAMES or name.endswith(_WEIGHT_SUFFIXES) or name.endswith(".index.json")
+
+    copy_model_files(src, dst, exclude)
 
 
 def quantize_checkpoint(
@@ -439,11 +435,10 @@ def quantize_checkpoint(
     src, out = Path(src_dir), Path(out_dir)
     if not src.is_dir():
         raise ModelLoadError(f"{src}: no such checkpoint directory")
-    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
-        raise CheckpointError(f"{out}: the output directory must not be {src} or inside it")
+    check_disjoint(src, out, "the model", "output directory")
     if max_shard_bytes < 1:
         raise ConfigError(f"quantize_checkpoint: max_shard_bytes={max_shard_bytes} must be positive")
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
 
     config_dict, existing = read_quantization_config(src)
     if existing is not None:
