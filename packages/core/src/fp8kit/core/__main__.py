@@ -23,7 +23,8 @@ from .checkpoint import DEFAULT_FORMAT, FORMATS, format_readers, save_quantized
 from .config import QuantConfig
 from .data import calibration_batches, default_texts, read_text_file
 from .errors import CheckpointError, ConfigError, FP8KitError
-from .offload import device_summary
+from .files import check_disjoint, output_path
+from .offload import device_summary, resolve_device
 from .surgery import quantize
 
 logger = logging.getLogger("fp8kit.core")
@@ -175,6 +176,16 @@ def parse_max_memory(text: str | None) -> dict[int | str, int | str] | None:
             raise ConfigError(f"--max-memory: device {device} is given twice")
         budget[key] = int(size) if size.isdigit() else size
     return budget
+def check_outputs(args: argparse.Namespace) -> None:
+    """Refuse an OUT_DIR that overlaps MODEL or the offload folder, and a device this machine lacks."""
+    from .models import DEFAULT_MODEL, default_gguf_path
+
+    model = default_gguf_path() if args.model == DEFAULT_MODEL else Path(args.model)
+    check_disjoint(model, args.out_dir, "MODEL", "OUT_DIR")
+    if args.offload_folder is not None:
+        check_disjoint(args.offload_folder, args.out_dir, "--offload-folder", "OUT_DIR")
+    if args.device is not None:
+        resolve_device(args.device, "--device")
 
 
 def stream_skip_reason(args: argparse.Namespace, config: QuantConfig) -> str | None:
@@ -306,6 +317,7 @@ def run(args: argparse.Namespace) -> int:
             "--weight channel cannot be saved in the AutoFP8 / vLLM 'fp8' checkpoint format (one scale per weight); "
             "use --weight tensor, or --format compressed-tensors"
         )
+    check_outputs(args)
     if args.out_dir.is_dir() and any(args.out_dir.iterdir()) and not args.overwrite:
         raise CheckpointError(f"{args.out_dir}: directory exists and is not empty; pass --overwrite to replace it")
     if args.device_map is None and (args.max_memory is not None or args.offload_folder is not None):
@@ -315,11 +327,9 @@ def run(args: argparse.Namespace) -> int:
         logger.info("streaming %s tensor by tensor", args.model)
         return run_streaming(args, config)
     logger.info("loading %s whole (%s)", args.model, reason)
-    texts = None
-    if config.needs_calibration:
-        if args.num_samples < 1 or args.seq_len < 1:
-            raise ConfigError(f"--num-samples ({args.num_samples}) and --seq-len ({args.seq_len}) must be positive")
-        texts = read_text_file(args.calibration_file) if args.calibration_file else default_texts()[0]
+    calibrate = config.needs_calibration
+    if calibrate and (args.num_samples < 1 or args.seq_len < 1):
+        raise ConfigError(f"--num-samples ({args.num_samples}) and --seq-len ({args.seq_len}) must be positive")
     model, tokenizer = load_model(
         args.model,
         dtype=DTYPES[args.dtype or "fp32"],
@@ -329,9 +339,11 @@ def run(args: argparse.Namespace) -> int:
         offload_folder=args.offload_folder,
     )
     calibration = None
-    if texts is not None:
+    if calibrate:
         if tokenizer is None:
             raise ConfigError(f"{args.model}: has no tokenizer, so text calibration is impossible")
+        need = args.num_samples * args.seq_len
+        texts = read_text_file(args.calibration_file, tokenizer, need) if args.calibration_file else default_texts()[0]
         calibration = calibration_batches(tokenizer, texts, args.num_samples, args.seq_len)
     bytes_before = model_bytes(model)
     quantize(model, config, calibration)
@@ -360,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except FP8KitError as exc:
+    except (FP8KitError, OSError) as exc:  # OSError: a disk full or a permission denied while writing
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

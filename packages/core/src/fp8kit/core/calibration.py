@@ -229,6 +229,15 @@ def calibrate(
     for name, amax in stats.input_amax.items():
         if not torch.isfinite(amax):
             raise CalibrationError(f"layer {name}: calibration saw a non-finite input absmax ({amax.item()})")
+    attention = {getattr(m, "layer_idx", None): name for name, m in model.named_modules() if hasattr(m, "k_proj")}
+    for what, store in (("keys", stats.key_amax), ("values", stats.value_amax)):
+        for idx, amax in store.items():
+            if not torch.isfinite(amax):
+                raise CalibrationError(
+                    f"layer {attention.get(idx, f'with layer_idx {idx}')}: calibration saw non-finite {what} entering "
+                    f"the KV cache (absmax {amax.item()}); its FP8 KV scale would be {amax.item()}: check the model's "
+                    "weights and the calibration inputs"
+                )
     if kv_cache and not stats.key_amax:
         raise CalibrationError(
             "kv_cache=True but no keys or values reached a transformers cache during calibration: "

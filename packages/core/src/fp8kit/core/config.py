@@ -76,8 +76,12 @@ class QuantConfig:
     def __post_init__(self) -> None:
         for name, choices in _CHOICES.items():
             value = getattr(self, name)
-            if value not in choices:
+            if not isinstance(value, str) or value not in choices:
                 raise ConfigError(f"QuantConfig.{name}={value!r} is not one of {list(choices)}")
+        for name in ("kv_cache", "use_fast_accum", "calibrate_all_experts"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):  # "no" is truthy: never guess a flag from a string or a number
+                raise ConfigError(f"QuantConfig.{name}={value!r} must be True or False, not {type(value).__name__}")
         self._check_blocks()
         if self.activation == "static" and self.weight == "block":
             raise ConfigError(
@@ -102,10 +106,17 @@ class QuantConfig:
             raise ConfigError(f"QuantConfig.gptq_block_size={self.gptq_block_size!r} must be a positive number of columns")
         if not 0.0 <= self.gptq_dampening < 1.0:
             raise ConfigError(f"QuantConfig.gptq_dampening={self.gptq_dampening!r} must be in [0, 1) (e.g. 0.01)")
-        if isinstance(self.ignore, str):
-            raise ConfigError("QuantConfig.ignore must be a list of names or 're:' patterns, not one string")
+        if isinstance(self.ignore, str) or not isinstance(self.ignore, (list, tuple)):
+            raise ConfigError(
+                f"QuantConfig.ignore must be a list of names or 're:' patterns, not {type(self.ignore).__name__}"
+            )
         object.__setattr__(self, "ignore", tuple(self.ignore))
         for pattern in self.ignore:
+            if not isinstance(pattern, str):
+                raise ConfigError(
+                    f"QuantConfig.ignore: entry {pattern!r} is a {type(pattern).__name__}; "
+                    "entries are module names or 're:' patterns (strings)"
+                )
             if pattern.startswith("re:"):
                 try:
                     re.compile(pattern[3:])
@@ -166,6 +177,8 @@ class QuantConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QuantConfig":
         """The inverse of `to_dict`; unknown keys are an error."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"QuantConfig: expected an object of fields, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:

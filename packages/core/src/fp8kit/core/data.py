@@ -9,6 +9,7 @@ held-out text only measures.
 
 from __future__ import annotations
 
+import codecs
 import importlib
 import inspect
 import logging
@@ -80,14 +81,41 @@ def tuning_texts() -> list[str]:
     return [module_text(m) for m in TUNING_MODULES]
 
 
-def read_text_file(path: str | os.PathLike) -> list[str]:
-    """A UTF-8 text file as a list of documents (paragraph blocks); empty files are an error."""
+_FIRST_READ_BYTES = 2**20
+_TOKEN_MARGIN = 64  # tokens read past the need, so that the cut cannot change the tokens used
+
+
+def _documents(text: str) -> list[str]:
+    return [block.strip() for block in text.split("\n\n") if block.strip()]
+
+
+def read_text_file(path: str | os.PathLike, tokenizer: Any = None, min_tokens: int = 0) -> list[str]:
+    """A UTF-8 text file as a list of documents (paragraph blocks); empty files are an error.
+
+    With a `tokenizer` and `min_tokens`, only a prefix is read: 1 MiB, then three times more at each
+    step, until its whole paragraphs tokenize to `min_tokens` (plus a small margin), so that a
+    multi-GB file costs what the samples need. The first `min_tokens` tokens are those of the whole file.
+    """
     path = Path(path)
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    text, size = "", _FIRST_READ_BYTES
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            while True:
+                chunk = f.read(size)
+                text += decoder.decode(chunk, final=not chunk)
+                if not chunk:
+                    break
+                if tokenizer is not None and min_tokens > 0:
+                    cut = text.rfind("\n\n")
+                    if cut > 0 and _token_ids(tokenizer, _documents(text[:cut])).numel() >= min_tokens + _TOKEN_MARGIN:
+                        text = text[:cut]
+                        logger.info("read the first %d bytes of %s: enough for %d tokens", f.tell(), path, min_tokens)
+                        break
+                size *= 3
     except (OSError, UnicodeDecodeError) as exc:
         raise CalibrationError(f"{path}: cannot read calibration text: {exc}") from exc
-    docs = [block.strip() for block in text.split("\n\n") if block.strip()]
+    docs = _documents(text)
     if not docs:
         raise CalibrationError(f"{path}: calibration file is empty")
     return docs

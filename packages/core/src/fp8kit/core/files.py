@@ -14,6 +14,8 @@ direction, through symlinks or ``..``), and `copy_model_files` copies a model fo
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import math
@@ -21,6 +23,8 @@ import os
 import shutil
 import stat
 import struct
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +41,11 @@ __all__ = [
     "check_gguf_file",
     "check_disjoint",
     "copy_model_files",
+    "output_path",
+    "output_lock",
+    "temp_sibling",
+    "remove_stale_temps",
+    "fsync_tree",
     "exchange_paths",
 ]
 
@@ -492,6 +501,139 @@ def copy_model_files(src: str | os.PathLike, dst: str | os.PathLike, exclude: An
     for name, reason in skipped:
         logger.warning("not copying %s from %s: %s", name, src, reason)
     return skipped
+
+
+def output_path(path: str | os.PathLike, what: str = "output") -> Path:
+    """The absolute path fp8kit writes for the output `path`, or a `CheckpointError` saying why not.
+
+    A symlink is followed (the output replaces what it points to; the link stays). Refused: the
+    current directory or one of its ancestors (replacing it would leave the shell in a deleted
+    directory), and a mount point (it cannot be renamed: write to a new directory inside it).
+    """
+    given = Path(path)
+    resolved = Path(os.path.realpath(given))
+    if resolved == resolved.parent:
+        raise CheckpointError(f"{what} {given}: is the file-system root; give a new directory for the output")
+    cwd = Path(os.path.realpath(os.getcwd()))
+    if resolved == cwd or resolved in cwd.parents:
+        raise CheckpointError(
+            f"{what} {given}: is the current directory{'' if resolved == cwd else ' or contains it'}; fp8kit replaces "
+            "the output as a whole: give it a name of its own (e.g. ./model-fp8)"
+        )
+    if resolved.is_dir() and os.path.ismount(resolved):
+        raise CheckpointError(
+            f"{what} {given}: is a mount point, which cannot be replaced atomically; write to a new directory "
+            f"inside it (e.g. {given / 'model-fp8'})"
+        )
+    return resolved
+
+
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike) -> Iterator[Path]:
+    """Hold an exclusive lock on output `path` (a file `.<name>.lock` beside it) for the whole block.
+
+    `flock` on an open file: the kernel releases it when the holder exits or is killed, so a lock
+    that can be taken proves no live process is writing `path` (on this host or, over an NFSv4 mount,
+    on any client: Linux maps flock to NFS byte-range locks). A second writer is refused at once
+    (`CheckpointError`), not queued. The lock file is removed on release, while still locked; a
+    process that opened it in between notices (its inode is gone) and retries on a fresh one.
+    """
+    path = Path(path)
+    lock = path.parent / f".{path.name}.lock"
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot create the lock file {lock}: {exc.strerror or exc}") from None
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise CheckpointError(
+                f"{path}: another process is writing it now (it holds {lock}); wait for it to finish or choose "
+                "another output"
+            ) from None
+        except (OSError, ImportError) as exc:
+            os.close(fd)
+            raise CheckpointError(
+                f"{path}: cannot lock {lock} ({getattr(exc, 'strerror', None) or exc}): this file system does not "
+                "support file locks, so concurrent writers could not be kept apart; write to a local disk or an "
+                "NFSv4 mount"
+            ) from None
+        try:
+            held, linked = os.fstat(fd), os.stat(lock)
+            current = (held.st_dev, held.st_ino) == (linked.st_dev, linked.st_ino)
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)  # its previous holder removed it between our open and flock: lock the new one
+    try:
+        yield lock
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(fd)
+
+
+_TEMP_TAGS = ("tmp", "old")
+
+
+def temp_sibling(path: Path, tag: str = "tmp") -> Path:
+    """A fresh name `.<name>.<tag>-<uuid4>` beside `path`: unique across processes, hosts and containers."""
+    if tag not in _TEMP_TAGS:
+        raise ValueError(f"temp_sibling: tag must be one of {_TEMP_TAGS}")
+    return path.parent / f".{path.name}.{tag}-{uuid.uuid4().hex}"
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Remove what killed writers of `path` left beside it; call only while holding `output_lock(path)`.
+
+    Holding the lock proves no live writer owns a temporary of `path`, so every `.<name>.tmp-*` is stale.
+    A `.<name>.old-*` is the previous output moved aside by a writer killed before its new output took
+    its place (the two-rename fallback): it is restored when `path` is missing, else removed.
+    """
+    removed = []
+    for tag in _TEMP_TAGS:
+        for stale in sorted(path.parent.glob(f".{path.name}.{tag}-*")):
+            if tag == "old" and not os.path.lexists(path):
+                logger.warning("restoring %s from %s (left by a killed writer)", path, stale)
+                os.rename(stale, path)
+                continue
+            logger.info("removing %s, left by a writer that was killed", stale)
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+            removed.append(stale)
+    return removed
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every regular file under `path` (a file or directory), then each directory, bottom-up, so
+    that the data and the names are on disk before a rename publishes them."""
+    def sync(p: Path, flags: int) -> None:
+        fd = os.open(p, flags | getattr(os, "O_CLOEXEC", 0))
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EBADF):  # a directory fsync some file systems refuse
+                raise
+        finally:
+            os.close(fd)
+
+    if not path.is_dir():
+        sync(path, os.O_RDONLY)
+        return
+    for root, _dirs, names in os.walk(path, topdown=False):
+        for name in names:
+            file = Path(root) / name
+            if file.is_file() and not file.is_symlink():
+                sync(file, os.O_RDONLY)
+        sync(Path(root), os.O_RDONLY)
 
 
 def exchange_paths(a: str | os.PathLike, b: str | os.PathLike) -> bool:

@@ -12,6 +12,7 @@ import argparse
 import importlib.util
 import logging
 import os
+import struct
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from torch import nn
 
 from .checkpoint import build_meta_model, load_quantized, read_quantization_config, save_hf
 from .errors import CheckpointError, FP8KitError, ModelLoadError
-from .files import check_safetensors_dir
+from .files import check_config_dict, check_gguf_file, check_safetensors_dir
 
 __all__ = ["DEFAULT_MODEL", "default_gguf_path", "load_model", "is_fp8_checkpoint", "build_parser", "main"]
 
@@ -102,23 +103,27 @@ def load_model(
     if not path.exists():
         raise ModelLoadError(f"{path}: no such model file or directory (give a Hugging Face directory, a .gguf file or 'default')")
     try:
-        if path.is_file():
+        if not path.is_dir():
             if path.suffix != ".gguf":
                 raise ModelLoadError(f"{path}: not a .gguf file or a model directory")
+            check_gguf_file(path)  # truncated at any byte: named here, not a struct / memmap error below
             model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
             model.config.architectures = model.config.architectures or [type(model).__name__]
             tokenizer = _load_tokenizer(path.parent, gguf_file=path.name)
+            model.fp8kit_source = path
             return model.eval(), tokenizer
         if is_fp8_checkpoint(path):
             model = load_quantized(
                 path, trust_remote_code=trust_remote_code, device_map=device_map, max_memory=max_memory, offload_folder=offload_folder
             )
+            model.fp8kit_source = path
             return model, _load_tokenizer(path, trust_remote_code=trust_remote_code)
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path}: a model directory needs a config.json")
         if not any(path.glob("*.safetensors")):
             raise ModelLoadError(f"{path}: no .safetensors weights (fp8kit never loads pickled .bin/.pt weights)")
         config_dict, _ = read_quantization_config(path)
+        check_config_dict(config_dict, path / "config.json")
         arch = (config_dict.get("architectures") or [None])[0]
         if not trust_remote_code and (not isinstance(arch, str) or getattr(transformers, arch, None) is None):
             auto_map = config_dict.get("auto_map")
@@ -136,11 +141,16 @@ def load_model(
         offload = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
         offload = {k: v for k, v in offload.items() if v is not None}
         model = cls.from_pretrained(str(path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **offload)
+        model.fp8kit_source = path
         return model.eval(), _load_tokenizer(path, trust_remote_code=trust_remote_code)
     except (ModelLoadError, CheckpointError):
         raise
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
-        raise ModelLoadError(f"{path}: cannot load model: {exc}") from exc
+    # What transformers' and gguf's loaders raise on files that passed the checks above but still do not
+    # describe a model it can build (a config field of an unexpected type, a GGUF key of the wrong kind).
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError, TypeError, IndexError, AttributeError,
+            ZeroDivisionError, OverflowError, RecursionError, struct.error) as exc:
+        raise ModelLoadError(f"{path}: cannot load model: {type(exc).__name__}: {exc}") from exc
+
 
 
 _SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

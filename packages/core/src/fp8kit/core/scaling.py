@@ -33,6 +33,7 @@ __all__ = [
     "quantize_activation",
     "quantize_weight",
     "dequantize",
+    "zeroed_fraction",
     "fp8_matmul",
     "fp8_block_matmul",
     "scaled_mm_unsupported_reason",
@@ -229,6 +230,24 @@ def quantize_weight(
         return kernels.quantize_per_tensor(weight_hp)
     scale = rowwise_scale(weight_hp) if granularity == "channel" else tensor_scale(weight_hp)
     return quantize(weight_hp, scale), scale
+
+
+def zeroed_fraction(weight_hp: torch.Tensor, weight_fp8: torch.Tensor, block_elements: int = 2**22) -> float:
+    """Share (0..1) of the non-zero entries of `weight_hp` [N, K] whose FP8 code in `weight_fp8`
+    (float8_e4m3fn [N, K]) is +-0: values lost to underflow because the scale is set by a far larger
+    outlier. Computed in row blocks of about `block_elements` (bool temporaries only); 0.0 for an
+    all-zero weight.
+    """
+    rows = max(1, block_elements // max(weight_hp.shape[-1], 1))
+    codes = weight_fp8.view(torch.uint8)  # (N, K); E4M3 +-0 are 0x00 and 0x80
+    zeroed = torch.zeros((), dtype=torch.int64, device=weight_hp.device)
+    nonzero = torch.zeros((), dtype=torch.int64, device=weight_hp.device)
+    for i in range(0, weight_hp.shape[0], rows):
+        kept = weight_hp[i : i + rows] != 0  # (rows, K)
+        nonzero += kept.sum()
+        zeroed += (kept & ((codes[i : i + rows] & 0x7F) == 0)).sum()
+    total = int(nonzero)
+    return int(zeroed) / total if total else 0.0
 
 
 def dequantize(

@@ -45,7 +45,7 @@ from .config import QuantConfig
 from .errors import CheckpointError, ConfigError, ModelLoadError
 from .files import INDEX_NAME, check_disjoint, check_safetensors_dir, copy_model_files, read_index, read_safetensors_header
 from .offload import resolve_device
-from .surgery import select_experts, select_linears
+from .surgery import select_experts, select_linears, warn_if_outliers
 
 __all__ = [
     "TensorEntry",
@@ -347,6 +347,7 @@ def _quantize_weight(
         if not torch.isfinite(w).all():
             raise ModelLoadError(f"layer {layer}: weight {(n, k)} contains NaN or Inf ({where})")
         weight_fp8, scale = scaling.quantize_weight(w, config.weight)
+        warn_if_outliers(layer, w, weight_fp8)
         if out_buffer is not None and out_buffer.numel() >= n * k:
             host = out_buffer[: n * k].view(scaling.FP8_DTYPE).view(n, k)
             return host.copy_(weight_fp8), scale.cpu()
@@ -372,6 +373,7 @@ def _quantize_weight(
         scaling.quantize(
             weight_hp[b], scale[b] if channel else scale, out=weight_fp8[b], workspace=workspace[: b.stop - b.start]
         )
+    warn_if_outliers(layer, weight_hp, weight_fp8)
     return weight_fp8, scale
 
 

@@ -29,6 +29,8 @@ __all__ = [
     "attach_kv_scales",
     "fold_smoothing",
     "SMOOTHING_MAPS",
+    "warn_if_outliers",
+    "ZEROED_WARN_SHARE",
 ]
 
 logger = logging.getLogger(__name__)
@@ -36,6 +38,10 @@ logger = logging.getLogger(__name__)
 ROUTER_NAMES = ("gate", "router")  # the router of an MoE block: a sibling of its `experts`
 ROUTER_REASON = "MoE router gate (routing stays in high precision, as in vLLM and llm-compressor)"
 UNKNOWN_WARN_SHARE = 0.01  # a high-precision matrix of an unknown module type above this share of the parameters warns
+
+#: `warn_if_outliers` warns when more than this share of a weight's non-zero entries become FP8 zeros.
+#: A well-behaved weight (amax a few standard deviations) loses far under 0.1 %.
+ZEROED_WARN_SHARE = 0.10
 
 
 @dataclass
@@ -220,6 +226,22 @@ def _sibling_expert_scale(name: str, input_scales: dict[str, torch.Tensor]) -> t
     return torch.stack([s.reshape(()) for s in siblings]).max() if siblings else None
 
 
+def warn_if_outliers(layer: str, weight_hp: torch.Tensor, weight_fp8: torch.Tensor) -> float:
+    """Log a warning naming `layer` when its FP8 weight lost most of its values to underflow
+    (`scaling.zeroed_fraction` > `ZEROED_WARN_SHARE`: one huge outlier set the scale); returns the share."""
+    from .scaling import zeroed_fraction
+
+    share = zeroed_fraction(weight_hp, weight_fp8)
+    if share > ZEROED_WARN_SHARE:
+        amax = float(weight_hp.abs().amax()) if weight_hp.numel() else 0.0
+        logger.warning(
+            "layer %s: %.1f%% of its non-zero weights quantize to FP8 zero (weight absmax %.3g, set by outliers); "
+            "its outputs will be mostly lost: quantize it per channel (weight='channel'), ignore it, or fix the weight",
+            layer, 100 * share, amax,
+        )
+    return share
+
+
 def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
     """Point every parent that holds `old` (shared modules included) at `new`."""
     for parent in model.modules():
@@ -330,6 +352,7 @@ def _swap(
             if hook is not None and not torch.isfinite(old.weight).all():
                 raise ModelLoadError(f"layer {name}: weight {tuple(old.weight.shape)} contains NaN or Inf")
             new = FP8Linear.from_linear(old, config, input_scale, hessian)
+            warn_if_outliers(name, old.weight.detach(), new.weight)
     if hook is not None:
         reoffload_like(new, hook)  # the FP8 tensors go back to the offload map (CPU), not the GPU
     _replace(model, old, new)
