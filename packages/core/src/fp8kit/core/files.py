@@ -99,7 +99,7 @@ def read_json(file: str | os.PathLike, what: str = "JSON file") -> Any:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-        raise CheckpointError(f"{file}: not a valid {what}: {reason}") from None
+        raise CheckpointError(f"{file}: not readable JSON ({what}): {reason}") from None
 
 
 def _pickle_hint(head: bytes) -> str:
@@ -612,11 +612,12 @@ def remove_stale_temps(path: Path) -> list[Path]:
     return removed
 
 
-def fsync_tree(path: Path) -> None:
-    """fsync every regular file under `path` (a file or directory), then each directory, bottom-up, so
-    that the data and the names are on disk before a rename publishes them."""
-    def sync(p: Path, flags: int) -> None:
-        fd = os.open(p, flags | getattr(os, "O_CLOEXEC", 0))
+def fsync_tree(path: Path, recursive: bool = True) -> None:
+    """fsync every regular file under directory `path`, then each directory bottom-up (`recursive`), or
+    only `path` itself, so that data and names are on disk before and after a rename publishes them."""
+
+    def sync(p: Path) -> None:
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         try:
             os.fsync(fd)
         except OSError as exc:
@@ -625,15 +626,15 @@ def fsync_tree(path: Path) -> None:
         finally:
             os.close(fd)
 
-    if not path.is_dir():
-        sync(path, os.O_RDONLY)
+    if not recursive:
+        sync(path)
         return
     for root, _dirs, names in os.walk(path, topdown=False):
         for name in names:
             file = Path(root) / name
             if file.is_file() and not file.is_symlink():
-                sync(file, os.O_RDONLY)
-        sync(Path(root), os.O_RDONLY)
+                sync(file)
+        sync(Path(root))
 
 
 def exchange_paths(a: str | os.PathLike, b: str | os.PathLike) -> bool:

@@ -22,7 +22,7 @@ from torch import nn
 
 from .checkpoint import build_meta_model, load_quantized, read_quantization_config, save_hf
 from .errors import CheckpointError, FP8KitError, ModelLoadError
-from .files import check_config_dict, check_gguf_file, check_safetensors_dir
+from .files import check_gguf_file, check_safetensors_dir
 
 __all__ = ["DEFAULT_MODEL", "default_gguf_path", "load_model", "is_fp8_checkpoint", "build_parser", "main"]
 
@@ -122,8 +122,7 @@ def load_model(
             raise ModelLoadError(f"{path}: a model directory needs a config.json")
         if not any(path.glob("*.safetensors")):
             raise ModelLoadError(f"{path}: no .safetensors weights (fp8kit never loads pickled .bin/.pt weights)")
-        config_dict, _ = read_quantization_config(path)
-        check_config_dict(config_dict, path / "config.json")
+        config_dict, _ = read_quantization_config(path)  # config.json's types and values checked there
         arch = (config_dict.get("architectures") or [None])[0]
         if not trust_remote_code and (not isinstance(arch, str) or getattr(transformers, arch, None) is None):
             auto_map = config_dict.get("auto_map")

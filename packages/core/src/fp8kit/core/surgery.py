@@ -379,6 +379,12 @@ def quantize(
     config = QuantConfig() if config is None else config
     if not isinstance(config, QuantConfig):
         raise ConfigError(f"quantize: config must be a QuantConfig, got {type(config).__name__}")
+    done = [name for name, m in model.named_modules() if isinstance(m, FP8Linear)]
+    if done:
+        raise ConfigError(
+            f"quantize: the model is already quantized ({len(done)} FP8Linear layers, e.g. {done[0]}); quantizing "
+            "again would mix two configurations in one checkpoint: quantize the original model instead"
+        )
     targets, skipped = select_linears(model, config)
     expert_targets, expert_skipped = select_experts(model, config)
     skipped.update(expert_skipped)

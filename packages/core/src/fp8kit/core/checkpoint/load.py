@@ -5,7 +5,6 @@ Reads safetensors only (never pickles); every missing, unexpected or mis-shaped 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -16,7 +15,8 @@ from torch import nn
 
 from ..config import QuantConfig
 from ..errors import CheckpointError
-from ..files import INDEX_NAME, check_safetensors_dir, read_index
+from ..files import INDEX_NAME, check_config_dict, check_safetensors_dir, read_index, read_json
+from ..offload import resolve_device
 from ..linear import FP8Linear
 from ..offload import dispatch
 from ..scaling import FP8_DTYPE
@@ -25,7 +25,7 @@ from .formats import check_block_scale, parse_quantization_config
 from .moe import experts_from_disk
 from .writer import CONFIG_NAME, WEIGHTS_NAME
 
-__all__ = ["load_quantized", "read_quantization_config", "build_meta_model"]
+__all__ = ["load_quantized", "read_quantization_config", "build_meta_model", "check_fp8_tensors"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,18 +33,16 @@ _PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt"
 
 
 def read_quantization_config(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """(config.json as a dict without quantization_config, the quantization_config or None)."""
-    config_path = Path(path) / CONFIG_NAME
-    if not config_path.is_file():
-        raise CheckpointError(f"{config_path}: not found; a checkpoint directory needs a config.json")
-    try:
-        config_dict = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{config_path}: not readable JSON: {exc}") from exc
-    if not isinstance(config_dict, dict):
-        raise CheckpointError(f"{config_path}: expected a JSON object")
-    return config_dict, config_dict.pop("quantization_config", None)
+    """(config.json as a dict without quantization_config, the quantization_config or None).
 
+    config.json must be a regular file holding a JSON object whose model fields have sane types and
+    values (`files.check_config_dict`); anything else is a `CheckpointError` naming the file and field.
+    """
+    config_path = Path(path) / CONFIG_NAME
+    if not os.path.lexists(config_path):
+        raise CheckpointError(f"{config_path}: not found; a checkpoint directory needs a config.json")
+    config_dict = check_config_dict(read_json(config_path, "config.json"), config_path)
+    return config_dict, config_dict.pop("quantization_config", None)
 
 
 _SCALE_SUFFIXES = (".weight_scale", ".input_scale", ".k_scale", ".v_scale")
@@ -83,7 +81,8 @@ def _normalize_tensors(tensors: dict[str, torch.Tensor], where: Path) -> dict[st
     return out
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
+    """({tensor name: tensor}, {tensor name: the file holding it}) of the checkpoint in `path`."""
     from safetensors import SafetensorError, safe_open
 
     by_file: dict[str, list[str] | None] | None = read_index(path)  # a bad index or missing shard: named
@@ -97,6 +96,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     check_safetensors_dir(path)
 
     tensors: dict[str, torch.Tensor] = {}
+    files: dict[str, Path] = {}
     for filename, listed in by_file.items():
         file = path / filename
         allowed = None if listed is None else set(listed)
@@ -106,9 +106,56 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
                     if allowed is not None and key not in allowed:
                         raise CheckpointError(f"{file}: tensor {key} is not listed for this file in {INDEX_NAME}")
                     tensors[key] = f.get_tensor(key)
+                    files[key] = file
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from exc
-    return tensors
+    return tensors, files
+
+
+def check_fp8_tensors(tensors: dict[str, torch.Tensor], file_of: Any) -> None:
+    """Refuse (`CheckpointError` naming the tensor and `file_of(name)`) what would make an FP8 model
+    compute garbage: an FP8 weight that is not E4M3 [N, K] or holds NaN codes, a weight without its
+    weight_scale, and a scale (weight_scale, input_scale, k_scale, v_scale) that is not fp32, not
+    finite and > 0 everywhere, or not shaped [] / [1] (per tensor) or [N, 1] (a weight's per channel).
+
+    The loader runs it on what it read, `save_quantized` on what it is about to write: fp8kit never
+    writes a checkpoint it would refuse to load.
+    """
+    for key, tensor in tensors.items():
+        where = f"{file_of(key)}: tensor {key}"
+        if tensor.dtype == torch.float8_e5m2:
+            raise CheckpointError(f"{where} is float8_e5m2; fp8kit reads FP8 E4M3 (float8_e4m3fn) weights only")
+        if key.endswith(".weight") and tensor.dtype == FP8_DTYPE:
+            if tensor.dim() != 2:
+                raise CheckpointError(f"{where}: an FP8 weight must be 2-D [N, K], got shape {tuple(tensor.shape)}")
+            if bool(((tensor.view(torch.uint8) & 0x7F) == 0x7F).any()):  # E4M3 NaN: S.1111.111
+                raise CheckpointError(f"{where}: holds NaN codes (0x7f / 0xff); the weight is corrupted")
+            name = key[: -len(".weight")]
+            if f"{name}.weight_scale" not in tensors:
+                raise CheckpointError(f"{file_of(key)}: tensor {name}.weight_scale is missing for FP8 weight {key}")
+        if not key.endswith(_SCALE_SUFFIXES):
+            continue
+        if tensor.dtype != torch.float32:
+            raise CheckpointError(f"{where}: a scale must be float32, got {tensor.dtype}")
+        shape = tuple(tensor.shape)
+        weight = tensors.get(key[: -len("_scale")]) if key.endswith(".weight_scale") else None
+        rows = weight.shape[0] if weight is not None and weight.dim() == 2 else None
+        if tensor.numel() != 1 and not (rows is not None and shape == (rows, 1)):
+            want = "[] or [1]" + (f" (per tensor) or [{rows}, 1] (per channel)" if rows is not None else "")
+            raise CheckpointError(f"{where}: scale of shape {list(shape)}; expected {want}")
+        if tensor.numel() == 1 and len(shape) > 1 and not (rows == 1 and shape == (1, 1)):
+            raise CheckpointError(f"{where}: scale of shape {list(shape)}; expected [] or [1]")
+        bad = ~(torch.isfinite(tensor) & (tensor > 0))
+        if bool(bad.any()):
+            value = tensor.reshape(-1)[bad.reshape(-1)][0].item()
+            index = int(bad.reshape(-1).nonzero()[0])
+            raise CheckpointError(
+                f"{where}: scale {value} (element {index}) is not finite and positive; dequantized values would be garbage"
+            )
+
+
+# What transformers raises building a model from a config.json whose values it cannot use.
+_CONFIG_ERRORS = (TypeError, ValueError, AttributeError, IndexError, ZeroDivisionError, OverflowError, RuntimeError)
 
 
 def build_meta_model(config_dict: dict[str, Any], where: Path, trust_remote_code: bool) -> nn.Module:
@@ -126,10 +173,18 @@ def build_meta_model(config_dict: dict[str, Any], where: Path, trust_remote_code
         hf_config = transformers.AutoConfig.for_model(model_type, **kwargs)
     except (ValueError, KeyError) as exc:
         raise CheckpointError(f"{where / CONFIG_NAME}: model_type {model_type!r} unknown to transformers: {exc}") from exc
+    except _CONFIG_ERRORS as exc:
+        raise CheckpointError(f"{where / CONFIG_NAME}: not a valid {model_type} config: {type(exc).__name__}: {exc}") from exc
     # Parameters on the meta device (filled from the file below); buffers such as RoPE's inv_freq stay real.
     with init_empty_weights(include_buffers=False):
         if cls is not None:
-            return cls._from_config(hf_config)
+            try:
+                return cls._from_config(hf_config)
+            except _CONFIG_ERRORS as exc:  # a field of the right type but a value the model code cannot use
+                raise CheckpointError(
+                    f"{where / CONFIG_NAME}: transformers cannot build {architectures[0]} from it: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
         if not trust_remote_code:
             raise CheckpointError(
                 f"{where / CONFIG_NAME}: architecture {architectures[0]!r} is not in transformers; "
@@ -226,9 +281,11 @@ def load_quantized(
     if qc is None:
         raise CheckpointError(f"{where / CONFIG_NAME}: has no quantization_config; this is not an FP8 checkpoint")
     config = parse_quantization_config(qc, where / CONFIG_NAME)
-    raw = _read_tensors(where)
+    device = resolve_device(device, "load_quantized: device")
+    raw, files = _read_tensors(where)
     scale_dtypes = {k.removesuffix("_inv"): t.dtype for k, t in raw.items() if k.endswith((".weight_scale", _BLOCK_SCALE_SUFFIX))}
     tensors = _normalize_tensors(raw, where)
+    check_fp8_tensors(tensors, lambda key: files.get(key, where))  # a renamed AutoFP8 KV scale: the directory
     model = build_meta_model(config_dict, where, trust_remote_code)
     quantized = experts_from_disk(model, tensors, config_dict.get("model_type"), config, where)  # MoE: per expert
     quantized += _swap_in_fp8_layers(model, tensors, config, where, scale_dtypes)

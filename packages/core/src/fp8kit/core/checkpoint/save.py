@@ -15,10 +15,12 @@ from torch import nn
 from ..config import QuantConfig
 from ..errors import CheckpointError
 from ..experts import FP8Experts, experts_layout
+from ..files import check_disjoint
 from ..linear import FP8Linear
 from ..offload import offloaded_tensor
 from .formats import DEFAULT_FORMAT, check_format, kv_scale_shape, layer_tensors, quantization_config_dict
 from .moe import INPUT_SCALE_MODES, disk_renamer, experts_to_disk, ignored_layers
+from .load import check_fp8_tensors
 from .writer import atomic_directory, write_config, write_shards
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -87,6 +89,17 @@ def _checkpoint_tensors(model: nn.Module, format: str, moe_input_scales: str = "
 def _model_type(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "model_type", None)
 
+
+def _source_of(model: nn.Module) -> Path | None:
+    """Where `model` was loaded from: `fp8kit.core.models.load_model`'s record, else transformers'
+    ``config._name_or_path`` when it names an existing local path."""
+    source = getattr(model, "fp8kit_source", None)
+    if source is None:
+        name = getattr(getattr(model, "config", None), "_name_or_path", None)
+        source = name if isinstance(name, str) and name and os.path.exists(name) else None
+    return None if source is None else Path(source)
+
+
 def save_quantized(
     model: nn.Module,
     path: str | os.PathLike,
@@ -105,7 +118,10 @@ def save_quantized(
     MoE experts are written per expert under the original checkpoint's names (`checkpoint.moe`).
     moe_input_scales: "per-expert" (each expert's static input scale) or "layer-max" (the max over a
         layer's experts for every expert: what vLLM runs, as it keeps one input scale per MoE layer).
-    Atomic: everything goes to a temporary sibling directory renamed to `path` at the end.
+    Atomic: everything goes to a temporary sibling directory swapped in at the end (`writer.atomic_directory`:
+    locked against other writers, fsynced). Refused: a `path` that overlaps the directory or file the model
+    was loaded from (either inside the other, through symlinks or ``..``), and tensors the loader would refuse
+    (`check_fp8_tensors`: NaN / Inf / non-positive scales, wrong shapes).
     """
     check_format(format)
     if moe_input_scales not in INPUT_SCALE_MODES:
@@ -119,7 +135,11 @@ def save_quantized(
     ignored = ignored_layers(model, linears, _model_type(model))
     kv_cache = any(isinstance(getattr(m, "k_scale", None), torch.Tensor) for m in model.modules())
     config_dict["quantization_config"] = quantization_config_dict(config, ignored, kv_cache, format)
+    source = _source_of(model)
+    if source is not None:
+        check_disjoint(source, path, "the model's source", "output directory")
     tensors = _checkpoint_tensors(model, format, moe_input_scales)
+    check_fp8_tensors(tensors, lambda key: f"{path} (not written)")
 
     with atomic_directory(path, overwrite=overwrite) as tmp:
         write_config(tmp, config_dict)

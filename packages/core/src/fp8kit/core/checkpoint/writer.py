@@ -5,6 +5,7 @@ Format-neutral: what goes into the files is decided by `save` and the format mod
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
-from ..files import INDEX_NAME, exchange_paths
+from ..files import INDEX_NAME, exchange_paths, fsync_tree, output_lock, output_path, remove_stale_temps, temp_sibling
 
 __all__ = [
     "CONFIG_NAME",
@@ -35,16 +36,6 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
 
 
 # Keys transformers' GGUF conversion (and loading) leaves in a config that mean nothing to a reader of
@@ -77,53 +68,79 @@ def write_config(directory: Path, config_dict: dict[str, Any]) -> Path:
 
 
 class atomic_directory:
-    """Context manager giving a temporary sibling of `path` that replaces `path` only on success.
+    """Context manager giving a private temporary sibling of `path` that replaces `path` only on success.
 
-    An existing non-empty `path` is refused unless `overwrite`; on error the temporary directory
-    is removed and `path` is left as it was.
+    - `path` is resolved first (`files.output_path`): a symlink is followed (the directory it points
+      to is replaced, the link stays); the current directory, a mount point and "/" are refused.
+    - An existing non-empty `path` is refused unless `overwrite` (checked at once, and again under the lock).
+    - `__enter__` takes `files.output_lock(path)` and holds it until the end: a second writer of the
+      same output is refused, so the "not empty" check and the final swap cannot interleave with
+      another writer's. Under the lock it removes what killed writers left (`files.remove_stale_temps`)
+      and creates `.<name>.tmp-<uuid4>`, a name no other writer uses or deletes while this one lives.
+    - On success: every file and directory of the temporary is fsynced, the temporary is swapped in
+      (`renameat2(RENAME_EXCHANGE)`, else a rename; never a moment without `path` where the exchange
+      exists), and the parent directory is fsynced, so after return the new output survives a power
+      loss. On error the temporary is removed and `path` is left as it was.
     """
 
     def __init__(self, path: str | os.PathLike, overwrite: bool = False) -> None:
-        self.path = Path(path)
-        if self.path.exists() and not self.path.is_dir():
-            raise CheckpointError(f"{self.path}: exists and is not a directory")
-        if self.path.is_dir() and any(self.path.iterdir()) and not overwrite:
-            raise CheckpointError(f"{self.path}: directory exists and is not empty; pass overwrite=True to replace it")
-        self.tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}"
+        self.given = Path(path)
+        self.path = output_path(path, "output directory")
+        self.overwrite = overwrite
+        self._check_target()
+        self.tmp = temp_sibling(self.path)
+        self._lock: contextlib.ExitStack | None = None
+
+    def _check_target(self) -> None:
+        if os.path.lexists(self.path) and not self.path.is_dir():
+            raise CheckpointError(f"{self.given}: exists and is not a directory")
+        if self.path.is_dir() and any(self.path.iterdir()) and not self.overwrite:
+            raise CheckpointError(f"{self.given}: directory exists and is not empty; pass overwrite=True to replace it")
 
     def __enter__(self) -> Path:
+        stack = contextlib.ExitStack()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._remove_stale_siblings()
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            stack.enter_context(output_lock(self.path))
+            remove_stale_temps(self.path)
+            self._check_target()  # again, under the lock: nobody can fill `path` between this and the swap
             self.tmp.mkdir()
         except OSError as exc:
-            raise CheckpointError(f"{self.path}: cannot create the output directory: {exc}") from exc
+            stack.close()
+            raise CheckpointError(f"{self.given}: cannot create the output directory: {exc}") from exc
+        except BaseException:
+            stack.close()
+            raise
+        self._lock = stack
         return self.tmp
 
-    def _remove_stale_siblings(self) -> None:
-        """Remove `.<name>.tmp-<pid>` / `.<name>.old-<pid>` left by a killed process (its pid is gone)."""
-        for kind in ("tmp", "old"):
-            for stale in self.path.parent.glob(f".{self.path.name}.{kind}-*"):
-                pid = stale.name.rpartition("-")[2]
-                if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-                    logger.info("removing %s, left by a process that no longer runs", stale)
-                    shutil.rmtree(stale, ignore_errors=True)
-
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        if self.path.is_dir() and exchange_paths(self.tmp, self.path):  # one atomic swap: never without `path`
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        old = self.path.parent / f".{self.path.name}.old-{os.getpid()}"
-        if self.path.exists():
+        assert self._lock is not None, "atomic_directory: __exit__ without __enter__"
+        with self._lock:
+            if exc_type is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                return
+            try:
+                self._publish()
+            except OSError as err:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise CheckpointError(f"{self.given}: cannot move the finished output into place: {err}") from err
+
+    def _publish(self) -> None:
+        fsync_tree(self.tmp)
+        if self.path.is_dir() and any(self.path.iterdir()):
+            if exchange_paths(self.tmp, self.path):  # one atomic swap: `path` always exists
+                fsync_tree(self.path.parent, recursive=False)
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                return
+            old = temp_sibling(self.path, "old")  # restored by the next writer if we die before the rename below
             os.rename(self.path, old)
-        os.rename(self.tmp, self.path)
-        shutil.rmtree(old, ignore_errors=True)
-
-
+            os.rename(self.tmp, self.path)
+            fsync_tree(self.path.parent, recursive=False)
+            shutil.rmtree(old, ignore_errors=True)
+            return
+        os.rename(self.tmp, self.path)  # onto nothing, or onto an empty directory: atomic
+        fsync_tree(self.path.parent, recursive=False)
 
 
 # safetensors dtype names (little-endian); every dtype fp8kit reads or writes.
