@@ -7,7 +7,6 @@ one-line message naming the file and tensor, no traceback, nothing written.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
 import select
@@ -26,33 +25,10 @@ from fp8kit.core.errors import ModelLoadError
 from fp8kit.core.files import check_safetensors_dir, read_safetensors_header
 from fp8kit.core.models import load_model
 
+from cli_tools import ENV, EXPORT_FAST, PACKAGES, REPO, assert_clean_failure, run_cli
 from tiny_models import make_tiny_llama, make_tiny_tokenizer, tiny_text
 
-REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("core", "export", "bench")
-ENV = {
-    **os.environ,
-    "PYTHONPATH": os.pathsep.join([str(REPO / "packages" / p / "src") for p in PACKAGES] + [os.environ.get("PYTHONPATH", "")]),
-}
-EXPORT_FAST = ["--num-samples", "2", "--seq-len", "16", "--validate-samples", "2", "--validate-seq-len", "8"]
 TENSOR = "model.layers.1.mlp.up_proj.weight"
-
-
-def run_cli(which: str, *args, timeout: int = 300) -> subprocess.CompletedProcess:
-    module = {"core": "fp8kit.core", "export": "export", "bench": "fp8kit.bench"}[which]
-    extra = EXPORT_FAST if which == "export" else []
-    return subprocess.run(
-        [sys.executable, "-m", module, *map(str, args), *extra],
-        capture_output=True, text=True, env=ENV, cwd=REPO, timeout=timeout,
-    )
-
-
-def assert_clean_failure(result: subprocess.CompletedProcess, pattern: str) -> None:
-    """Exit 2, no traceback, and the last stderr line is 'error: ...' matching `pattern`."""
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    last = result.stderr.strip().splitlines()[-1]
-    assert re.search(pattern, last), last
 
 
 # --------------------------------------------------------------------------- building broken model directories

@@ -176,11 +176,15 @@ def parse_max_memory(text: str | None) -> dict[int | str, int | str] | None:
             raise ConfigError(f"--max-memory: device {device} is given twice")
         budget[key] = int(size) if size.isdigit() else size
     return budget
+
+
 def check_outputs(args: argparse.Namespace) -> None:
-    """Refuse an OUT_DIR that overlaps MODEL or the offload folder, and a device this machine lacks."""
+    """Refuse an OUT_DIR that cannot be replaced whole or overlaps MODEL or the offload folder, and a device
+    this machine lacks: before anything is loaded."""
     from .models import DEFAULT_MODEL, default_gguf_path
 
     model = default_gguf_path() if args.model == DEFAULT_MODEL else Path(args.model)
+    output_path(args.out_dir, "OUT_DIR")  # not the current directory, a mount point or "/"
     check_disjoint(model, args.out_dir, "MODEL", "OUT_DIR")
     if args.offload_folder is not None:
         check_disjoint(args.offload_folder, args.out_dir, "--offload-folder", "OUT_DIR")

@@ -52,9 +52,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SAFETENSORS_DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F4": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8,
 }
+_SUBBYTE_BITS = {"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}  # packed: numel * bits must fill whole bytes
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit
 _MAX_JSON = 64 * 2**20  # config.json / index files: far above any real one
 INDEX_NAME = "model.safetensors.index.json"
@@ -96,7 +97,7 @@ def read_json(file: str | os.PathLike, what: str = "JSON file") -> Any:
     if len(raw) > _MAX_JSON:
         raise CheckpointError(f"{file}: larger than {_MAX_JSON // 2**20} MiB; not a {what}")
     try:
-        return json.loads(raw)
+        return json.loads(raw, parse_constant=_no_constant)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         raise CheckpointError(f"{file}: not readable JSON ({what}): {reason}") from None
@@ -109,7 +110,12 @@ def _pickle_hint(head: bytes) -> str:
 
 
 def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    """A JSON integer that fits an unsigned 64-bit field (what safetensors and GGUF store)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**64
+
+
+def _no_constant(name: str) -> Any:
+    raise json.JSONDecodeError(f"{name} is not JSON", name, 0)
 
 
 def read_safetensors_header(file: str | os.PathLike) -> dict[str, dict[str, Any]]:
@@ -150,7 +156,7 @@ def read_safetensors_header(file: str | os.PathLike) -> dict[str, dict[str, Any]
         return out
 
     try:
-        header = json.loads(raw, object_pairs_hook=no_duplicates)
+        header = json.loads(raw, object_pairs_hook=no_duplicates, parse_constant=_no_constant)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         raise CheckpointError(f"{bad}: the header is not valid JSON ({reason}){_pickle_hint(head)}") from None
@@ -160,14 +166,14 @@ def read_safetensors_header(file: str | os.PathLike) -> dict[str, dict[str, Any]
     tensors: dict[str, dict[str, Any]] = {}
     for name, entry in header.items():
         if name == "__metadata__":
-            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+            if entry is not None and (not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values())):
                 raise CheckpointError(f"{bad}: __metadata__ must be an object of strings, got {_short(entry)}")
             continue
         ok = isinstance(entry, dict) and {"dtype", "shape", "data_offsets"} <= set(entry)
         if ok:
             dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
             ok = (
-                isinstance(dtype, str) and dtype in SAFETENSORS_DTYPE_BYTES
+                isinstance(dtype, str) and (dtype in SAFETENSORS_DTYPE_BYTES or dtype in _SUBBYTE_BITS)
                 and isinstance(shape, list) and all(_is_count(d) for d in shape)
                 and isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
             )
@@ -189,8 +195,9 @@ def read_safetensors_header(file: str | os.PathLike) -> dict[str, dict[str, Any]
             what = "overlap the previous tensor's" if start < end else f"leave a gap after byte {end} of the"
             raise CheckpointError(f"{bad}: tensor {name}: data_offsets [{start}, {stop}] {what} data (corrupted header)")
         dtype, shape = entry["dtype"], entry["shape"]
-        need = math.prod(shape) * SAFETENSORS_DTYPE_BYTES[dtype]
-        if dtype != "F4" and stop - start != need:
+        bits = math.prod(shape) * (_SUBBYTE_BITS.get(dtype) or 8 * SAFETENSORS_DTYPE_BYTES[dtype])
+        need = bits // 8
+        if bits % 8 or stop - start != need:
             raise CheckpointError(
                 f"{bad}: tensor {name}: {dtype} {shape} needs {need} bytes "
                 f"but data_offsets [{start}, {stop}] hold {stop - start}"
@@ -266,13 +273,14 @@ def check_safetensors_dir(path: str | os.PathLike) -> dict[str, tuple[Path, dict
 
 # --------------------------------------------------------------------------- config.json
 
-# config.json fields a model is built from: each must be a positive integer when present.
-_POSITIVE_INT_FIELDS = (
-    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-    "vocab_size", "max_position_embeddings", "head_dim", "num_local_experts", "num_experts",
-    "num_experts_per_tok", "moe_intermediate_size",
-)
-_MAX_DIM = 2**24  # no real model has a dimension, vocabulary or layer count above this
+# config.json fields a model is built from: each must be an integer in [1, limit] when present. The limits
+# are far above any real model's, and keep a lying config from building millions of layers, even on meta.
+_MAX_DIM = 2**24
+_POSITIVE_INT_FIELDS = {
+    "hidden_size": _MAX_DIM, "intermediate_size": _MAX_DIM, "vocab_size": _MAX_DIM, "max_position_embeddings": 2**31,
+    "head_dim": 2**16, "moe_intermediate_size": _MAX_DIM, "num_hidden_layers": 1024, "num_attention_heads": 4096,
+    "num_key_value_heads": 4096, "num_local_experts": 2**16, "num_experts": 2**16, "num_experts_per_tok": 2**16,
+}
 _FLOAT_FIELDS = ("rms_norm_eps", "layer_norm_eps", "rope_theta", "initializer_range")
 _BOOL_FIELDS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_cache")
 
@@ -281,8 +289,9 @@ def check_config_dict(config: Any, file: str | os.PathLike) -> dict[str, Any]:
     """`config` (a parsed config.json) if the fields fp8kit and transformers build the model from have
     sane types and values, else a `CheckpointError` naming `file` and the field.
 
-    architectures: a non-empty list of strings; model_type: a string; sizes and counts: integers in
-    [1, 2**24] (`num_key_value_heads` dividing `num_attention_heads`); eps / theta: finite positive numbers.
+    architectures: a list of non-empty strings; model_type: a string; sizes and counts: integers in
+    [1, limit] (`num_key_value_heads` dividing `num_attention_heads`); eps / theta: finite positive numbers;
+    flags: booleans.
     """
     if not isinstance(config, dict):
         raise CheckpointError(f"{file}: expected a JSON object, got {type(config).__name__}")
@@ -297,10 +306,10 @@ def check_config_dict(config: Any, file: str | os.PathLike) -> dict[str, Any]:
         raise bad("architectures", "a list of class names (strings)")
     if "model_type" in config and not isinstance(config["model_type"], str):
         raise bad("model_type", "a string")
-    for field in _POSITIVE_INT_FIELDS:
+    for field, limit in _POSITIVE_INT_FIELDS.items():
         value = config.get(field)
-        if value is not None and not (_is_count(value) and 1 <= value <= _MAX_DIM):
-            raise bad(field, f"an integer in [1, {_MAX_DIM}]")
+        if value is not None and not (_is_count(value) and 1 <= value <= limit):
+            raise bad(field, f"an integer in [1, {limit}]")
     heads, kv_heads = config.get("num_attention_heads"), config.get("num_key_value_heads")
     if heads is not None and kv_heads is not None and heads % kv_heads:
         raise CheckpointError(f"{file}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")

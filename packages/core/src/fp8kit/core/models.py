@@ -22,6 +22,7 @@ from torch import nn
 
 from .checkpoint import build_meta_model, load_quantized, read_quantization_config, save_hf
 from .errors import CheckpointError, FP8KitError, ModelLoadError
+from .checkpoint.load import CONFIG_ERRORS
 from .files import check_gguf_file, check_safetensors_dir
 
 __all__ = ["DEFAULT_MODEL", "default_gguf_path", "load_model", "is_fp8_checkpoint", "build_parser", "main"]
@@ -46,9 +47,9 @@ def default_gguf_path() -> Path:
 
 def is_fp8_checkpoint(path: Path) -> bool:
     """True for a directory whose config.json has an 'fp8' or 'compressed-tensors' quantization_config."""
-    if not (path / "config.json").is_file():
+    if not os.path.lexists(path / "config.json"):
         return False
-    _, qc = read_quantization_config(path)
+    _, qc = read_quantization_config(path)  # a config.json that is not a regular file is refused there
     return isinstance(qc, dict) and qc.get("quant_method") in ("fp8", "compressed-tensors")
 
 
@@ -145,9 +146,8 @@ def load_model(
     except (ModelLoadError, CheckpointError):
         raise
     # What transformers' and gguf's loaders raise on files that passed the checks above but still do not
-    # describe a model it can build (a config field of an unexpected type, a GGUF key of the wrong kind).
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError, TypeError, IndexError, AttributeError,
-            ZeroDivisionError, OverflowError, RecursionError, struct.error) as exc:
+    # describe a model they can build (a config value the model code refuses, a GGUF key of the wrong kind).
+    except (OSError, SafetensorError, RecursionError, struct.error, *CONFIG_ERRORS) as exc:
         raise ModelLoadError(f"{path}: cannot load model: {type(exc).__name__}: {exc}") from exc
 
 

@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fp8kit.core.errors import FP8KitError
+from fp8kit.core.errors import CheckpointError, FP8KitError
+from fp8kit.core.files import check_disjoint
 
 from .errors import ExportError, OnnxCheckError
 
@@ -96,6 +94,13 @@ def _check_inputs(args: argparse.Namespace) -> tuple[tuple[int, int, int], tuple
         raise ExportError(f"--calibration-file {args.calibration_file}: no such file")
     if args.engine is not None and args.engine.resolve() == args.out.resolve():
         raise ExportError("--engine must differ from OUT.onnx")
+    if args.model != "default":  # the output must not replace or land inside the model (symlinks, `..` resolved)
+        try:
+            check_disjoint(args.model, args.out, "MODEL", "OUT.onnx")
+            if args.engine is not None:
+                check_disjoint(args.model, args.engine, "MODEL", "--engine")
+        except CheckpointError as exc:
+            raise ExportError(str(exc)) from None
     return batch, seq
 
 
@@ -117,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     from fp8kit.core.models import load_model
 
     from .check import check_onnx
-    from .onnx import calibrate_activations, default_input_names, export_onnx, fp8_layers
+    from .onnx import calibrate_activations, default_input_names, export_onnx, fp8_layers, publish, staging_directory
     from .qdq import block_refusal
     from .tensorrt import shape_ranges, tensorrt_available, trtexec_command
     from .validate import default_level_advice, make_feeds, try_level, validate_onnx
@@ -130,7 +135,6 @@ def run(args: argparse.Namespace) -> int:
 
     batch_range, seq_range = _check_inputs(args)
     dtype = DTYPES[args.dtype]
-    texts = read_text_file(args.calibration_file) if args.calibration_file else default_texts()[0]
 
     phase(f"loading {args.model}")
     model, tokenizer = load_model(args.model, dtype=torch.float32, trust_remote_code=args.trust_remote_code)
@@ -144,6 +148,11 @@ def run(args: argparse.Namespace) -> int:
         )
     if tokenizer is None:
         raise ExportError(f"model {args.model}: no tokenizer found, so it cannot be calibrated or validated on text")
+    if args.calibration_file:  # only as much of the file as calibration and validation use
+        need = max(args.num_samples * args.seq_len, args.validate_samples * args.validate_seq_len)
+        texts = read_text_file(args.calibration_file, tokenizer, need)
+    else:
+        texts = default_texts()[0]
     calibration = calibration_batches(tokenizer, texts, args.num_samples, args.seq_len)
     layers = fp8_layers(model)
     blocks = [name for name, layer in layers.items() if layer.weight_granularity == "block"]
@@ -172,9 +181,7 @@ def run(args: argparse.Namespace) -> int:
 
     input_names = default_input_names(model, tokenizer)
     is_lm = hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None
-    parent = args.out.parent if str(args.out.parent) else Path(".")
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.", dir=parent))
-    try:
+    with staging_directory(args.out) as tmpdir:
         staged = tmpdir / args.out.name
         phase(f"exporting {type(model).__name__} to ONNX ({args.dtype}, opset {args.opset}; torch.onnx, the longest step)")
         result = export_onnx(model, staged, input_names=input_names, dtype=dtype, opset=args.opset)
@@ -188,13 +195,7 @@ def run(args: argparse.Namespace) -> int:
         feeds = make_feeds(sequences, input_names, pad_id=pad_id)
         phase(f"validating parity on {len(sequences)} sequences: the model in torch, then ONNX Runtime")
         parity = validate_onnx(staged, model, feeds, dtype=dtype, logits=is_lm, levels=("all",))
-        # Passed: move into place (data file first, so OUT.onnx never points at a missing file).
-        for item in tmpdir.iterdir():
-            if item.name != staged.name:
-                os.replace(item, parent / item.name)
-        os.replace(staged, args.out)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        publish(staged, args.out)  # passed: into place, fsynced
 
     ranges = shape_ranges(result.input_names, result.dynamic_axes, batch_range, seq_range)
     engine_path = args.engine or args.out.with_suffix(".plan")

@@ -14,7 +14,6 @@ import inspect
 import logging
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -26,6 +25,8 @@ import torch
 from torch import nn
 
 from fp8kit.core.calibration import calibrate
+from fp8kit.core.errors import CheckpointError
+from fp8kit.core.files import fsync_tree, output_lock, remove_stale_temps, temp_sibling
 from fp8kit.core.linear import FP8Linear
 from fp8kit.core.scaling import amax_to_scale
 
@@ -374,37 +375,60 @@ def export_onnx(
 
 
 def _check_destination(path: Path, overwrite: bool) -> None:
+    """Refuse an output that exists (a dangling symlink included) without `overwrite`, a directory, or an
+    unwritable parent. A symlink is written through: the new file replaces the link's target."""
     if path.is_dir():
         raise ExportError(f"output {path} is a directory: give a file name such as {path / 'model.onnx'}")
-    if path.exists() and not overwrite:
+    if os.path.lexists(path) and not overwrite:
         raise ExportError(f"output {path} already exists: pass overwrite=True (--overwrite) or choose another name")
-    parent = path.parent if str(path.parent) else Path(".")
+    parent = Path(os.path.realpath(path)).parent
     if not parent.is_dir():
         raise ExportError(f"cannot write {path}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ExportError(f"cannot write {path}: directory {parent} is not writable")
 
 
+@contextmanager
+def staging_directory(path: Path) -> Iterator[Path]:
+    """A private directory beside the output file `path` (symlinks resolved) for the whole write, under
+    `files.output_lock`: another writer of `path` is refused, and what killed writers left is removed
+    first. Removed on exit; what is moved out of it before (`publish`) stays."""
+    target = Path(os.path.realpath(path))
+    try:
+        with output_lock(target):
+            remove_stale_temps(target)
+            tmpdir = temp_sibling(target)
+            tmpdir.mkdir()
+            try:
+                yield tmpdir
+            finally:
+                shutil.rmtree(tmpdir, ignore_errors=True)
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from None
+
+
+def publish(staged: Path, path: Path) -> Path | None:
+    """Move the finished `staged` file (and any sibling file of its directory, such as external data)
+    to `path` (a symlink: its target), fsynced before and after; the external data path or None."""
+    target = Path(os.path.realpath(path))
+    fsync_tree(staged.parent)
+    data_path = None
+    for item in sorted(staged.parent.iterdir()):  # data first: OUT.onnx never points at a missing file
+        if item != staged and item.is_file():
+            data_path = target.parent / item.name
+            os.replace(item, data_path)
+    os.replace(staged, target)
+    fsync_tree(target.parent, recursive=False)
+    return data_path
+
+
 def _write_atomically(program: Any, path: Path) -> Path | None:
-    """Save under a temporary directory beside `path`, then move into place; the external data path."""
-    parent = path.parent if str(path.parent) else Path(".")
-    try:
-        tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
-    except OSError as exc:
-        raise ExportError(f"cannot write {path}: {exc}") from exc
-    try:
-        tmp = tmpdir / path.name
-        # External data (named <file>.data by the exporter) only when the proto would exceed 2 GB.
-        program.save(tmp, external_data=None)
-        data = [p for p in tmpdir.iterdir() if p.name != path.name]
-        data_path = None
-        for item in data:
-            target = parent / item.name
-            os.replace(item, target)
-            data_path = target
-        os.replace(tmp, path)
-        return data_path
-    except OSError as exc:
-        raise ExportError(f"cannot write {path}: {exc}") from exc
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+    """Save in a private directory beside `path` (`staging_directory`), then move into place; the external data path."""
+    with staging_directory(path) as tmpdir:
+        try:
+            tmp = tmpdir / path.name
+            # External data (named <file>.data by the exporter) only when the proto would exceed 2 GB.
+            program.save(tmp, external_data=None)
+            return publish(tmp, path)
+        except OSError as exc:
+            raise ExportError(f"cannot write {path}: {exc}") from exc

@@ -25,7 +25,7 @@ from .formats import check_block_scale, parse_quantization_config
 from .moe import experts_from_disk
 from .writer import CONFIG_NAME, WEIGHTS_NAME
 
-__all__ = ["load_quantized", "read_quantization_config", "build_meta_model", "check_fp8_tensors"]
+__all__ = ["load_quantized", "read_quantization_config", "build_meta_model", "check_fp8_tensors", "CONFIG_ERRORS"]
 
 logger = logging.getLogger(__name__)
 
@@ -154,8 +154,19 @@ def check_fp8_tensors(tensors: dict[str, torch.Tensor], file_of: Any) -> None:
             )
 
 
-# What transformers raises building a model from a config.json whose values it cannot use.
-_CONFIG_ERRORS = (TypeError, ValueError, AttributeError, IndexError, ZeroDivisionError, OverflowError, RuntimeError)
+def _strict_dataclass_errors() -> tuple[type[Exception], ...]:
+    try:  # transformers >= 5 validates configs with huggingface_hub's strict dataclasses
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        return ()
+    return (StrictDataclassError,)
+
+
+#: What transformers raises building a config or model from a config.json whose values it cannot use.
+CONFIG_ERRORS: tuple[type[Exception], ...] = (
+    TypeError, ValueError, KeyError, AttributeError, IndexError, ZeroDivisionError, OverflowError, RuntimeError,
+    *_strict_dataclass_errors(),
+)
 
 
 def build_meta_model(config_dict: dict[str, Any], where: Path, trust_remote_code: bool) -> nn.Module:
@@ -168,19 +179,19 @@ def build_meta_model(config_dict: dict[str, Any], where: Path, trust_remote_code
     if not architectures or not model_type:
         raise CheckpointError(f"{where / CONFIG_NAME}: needs 'architectures' and 'model_type' to rebuild the model")
     cls = getattr(transformers, architectures[0], None)
+    if model_type not in transformers.CONFIG_MAPPING:
+        raise CheckpointError(f"{where / CONFIG_NAME}: model_type {model_type!r} unknown to transformers")
     try:
         kwargs = {k: v for k, v in config_dict.items() if k != "model_type"}
         hf_config = transformers.AutoConfig.for_model(model_type, **kwargs)
-    except (ValueError, KeyError) as exc:
-        raise CheckpointError(f"{where / CONFIG_NAME}: model_type {model_type!r} unknown to transformers: {exc}") from exc
-    except _CONFIG_ERRORS as exc:
+    except CONFIG_ERRORS as exc:
         raise CheckpointError(f"{where / CONFIG_NAME}: not a valid {model_type} config: {type(exc).__name__}: {exc}") from exc
     # Parameters on the meta device (filled from the file below); buffers such as RoPE's inv_freq stay real.
     with init_empty_weights(include_buffers=False):
         if cls is not None:
             try:
                 return cls._from_config(hf_config)
-            except _CONFIG_ERRORS as exc:  # a field of the right type but a value the model code cannot use
+            except CONFIG_ERRORS as exc:  # a field of the right type but a value the model code cannot use
                 raise CheckpointError(
                     f"{where / CONFIG_NAME}: transformers cannot build {architectures[0]} from it: "
                     f"{type(exc).__name__}: {exc}"

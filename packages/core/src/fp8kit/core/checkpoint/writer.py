@@ -135,7 +135,11 @@ class atomic_directory:
                 return
             old = temp_sibling(self.path, "old")  # restored by the next writer if we die before the rename below
             os.rename(self.path, old)
-            os.rename(self.tmp, self.path)
+            try:
+                os.rename(self.tmp, self.path)
+            except OSError:
+                os.rename(old, self.path)
+                raise
             fsync_tree(self.path.parent, recursive=False)
             shutil.rmtree(old, ignore_errors=True)
             return
