@@ -51,12 +51,14 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def start_worker(tmp: Path, out: Path, seed: int, overwrite: bool, hold: float, prefix: list[str] | None = None):
+def start_worker(tmp: Path, out: Path, seed: int, overwrite: bool, hold: float, prefix: list[str] | None = None,
+                 go: str = "go"):
+    """A writer process; it saves once the file `tmp / go` exists."""
     script = tmp / "worker.py"
     script.write_text(WORKER)
     env = {**ENV, "PYTHONPATH": ENV["PYTHONPATH"] + os.pathsep + str(REPO / "tests")}
     proc = subprocess.Popen(
-        [*(prefix or []), sys.executable, str(script), str(out), str(seed), str(int(overwrite)), str(hold), str(tmp / "go")],
+        [*(prefix or []), sys.executable, str(script), str(out), str(seed), str(int(overwrite)), str(hold), str(tmp / go)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
     )
     return proc
@@ -120,15 +122,17 @@ def test_a_writer_in_its_own_pid_namespace_is_kept_apart(tmp_path):
     if probe.returncode != 0:
         pytest.skip(f"this machine does not allow unprivileged PID namespaces (unshare: {probe.stderr.decode().strip()})")
     out = tmp_path / "out"
-    inside = start_worker(tmp_path, out, 1, True, 4.0, prefix=["unshare", "--user", "--pid", "--fork", "--map-root-user"])
+    inside = start_worker(tmp_path, out, 1, True, 8.0, prefix=["unshare", "--user", "--pid", "--fork", "--map-root-user"])
+    outside = start_worker(tmp_path, out, 2, True, 0.0, go="go-outside")
     wait_line(inside, "ready")
+    wait_line(outside, "ready")
     (tmp_path / "go").touch()
     temp = Path(wait_line(inside, "inside").split(" ", 1)[1])
     assert temp.is_dir()
-    outside = start_worker(tmp_path, out, 2, True, 0.0)
-    assert outside.wait(timeout=240) == 2
-    assert "another process is writing it now" in outside.stdout.read()
+    (tmp_path / "go-outside").touch()  # while the namespaced writer sits inside its write
+    assert "another process is writing it now" in wait_line(outside, "refused")
     assert temp.is_dir() and any(temp.iterdir())  # the live writer's temporary was not touched
+    assert outside.wait(timeout=240) == 2
     assert inside.wait(timeout=240) == 0, inside.stderr.read()[-3000:]
     assert_output_is_complete_from(out, 1)
     assert leftovers(tmp_path, "out") == []

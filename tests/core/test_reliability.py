@@ -430,7 +430,7 @@ def test_config_json_wrong_types_exit_2_from_the_cli(tmp_path):
     config = json.loads((model / "config.json").read_text())
     for field, value, message in [
         ("hidden_size", "64", r"config\.json: hidden_size must be an integer in \[1, 16777216\], got '64'"),
-        ("num_attention_heads", 0, r"num_attention_heads must be an integer in \[1, 16777216\], got 0"),
+        ("num_attention_heads", 0, r"num_attention_heads must be an integer in \[1, 4096\], got 0"),
         ("architectures", "LlamaForCausalLM", r"architectures must be a list of class names"),
         ("num_key_value_heads", 3, r"num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
     ]:
