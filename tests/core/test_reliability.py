@@ -581,8 +581,16 @@ def test_save_never_writes_what_the_loader_refuses(tmp_path):
 
 def test_quantize_refuses_an_already_quantized_model(tmp_path):
     model = quantize(make_tiny_llama(), QuantConfig(activation="static"), [torch.arange(16)[None]])
-    with pytest.raises(ConfigError, match=r"already quantized \(14 FP8Linear layers, e\.g\. model\.layers\.0\.self_attn\.q_proj\)"):
+    with pytest.raises(ConfigError, match=r"already quantized \(14 FP8 layers, e\.g\. model\.layers\.0\.self_attn\.q_proj\)"):
         quantize(model, QuantConfig())
     assert model.fp8kit_config.activation == "static"  # unchanged: what it saves still matches its layers
     save_quantized(model, tmp_path / "c")
     assert load_quantized(tmp_path / "c").fp8kit_config.activation == "static"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: checks the message for a GPU index past the last")
+def test_cuda_index_past_the_last_gpu(tmp_path):
+    count = torch.cuda.device_count()
+    with pytest.raises(ConfigError, match=rf"device='cuda:{count}': there are {count} CUDA device\(s\)"):
+        quantize_checkpoint(hf_dir(tmp_path / "m"), tmp_path / "out", device=f"cuda:{count}")
+    assert not (tmp_path / "out").exists()

@@ -379,10 +379,10 @@ def quantize(
     config = QuantConfig() if config is None else config
     if not isinstance(config, QuantConfig):
         raise ConfigError(f"quantize: config must be a QuantConfig, got {type(config).__name__}")
-    done = [name for name, m in model.named_modules() if isinstance(m, FP8Linear)]
+    done = [name for name, m in model.named_modules() if isinstance(m, (FP8Linear, FP8Experts))]
     if done:
         raise ConfigError(
-            f"quantize: the model is already quantized ({len(done)} FP8Linear layers, e.g. {done[0]}); quantizing "
+            f"quantize: the model is already quantized ({len(done)} FP8 layers, e.g. {done[0]}); quantizing "
             "again would mix two configurations in one checkpoint: quantize the original model instead"
         )
     targets, skipped = select_linears(model, config)
