@@ -341,6 +341,7 @@ def _quantize_weight(
         if not torch.isfinite(w).all():
             raise ModelLoadError(f"layer {layer}: weight {(n, k)} contains NaN or Inf ({where})")
         weight_fp8, scale = scaling.quantize_weight(w, "block", config.block_size)
+        warn_if_outliers(layer, w, weight_fp8)
         return weight_fp8.cpu(), scale.cpu()
     if device.type != "cpu":
         w = weight_hp.to(device, non_blocking=True)  # from pinned memory; read again only after the sync below

@@ -16,9 +16,8 @@ from torch import nn
 from ..config import QuantConfig
 from ..errors import CheckpointError
 from ..files import INDEX_NAME, check_config_dict, check_safetensors_dir, read_index, read_json
-from ..offload import resolve_device
 from ..linear import FP8Linear
-from ..offload import dispatch
+from ..offload import dispatch, resolve_device
 from ..scaling import FP8_DTYPE
 from ..surgery import QuantReport
 from .formats import check_block_scale, parse_quantization_config
@@ -112,14 +111,18 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]]
     return tensors, files
 
 
-def check_fp8_tensors(tensors: dict[str, torch.Tensor], file_of: Any) -> None:
+def check_fp8_tensors(
+    tensors: dict[str, torch.Tensor], file_of: Any, block: tuple[int, int] | None = None
+) -> None:
     """Refuse (`CheckpointError` naming the tensor and `file_of(name)`) what would make an FP8 model
     compute garbage: an FP8 weight that is not E4M3 [N, K] or holds NaN codes, a weight without its
-    weight_scale, and a scale (weight_scale, input_scale, k_scale, v_scale) that is not fp32, not
-    finite and > 0 everywhere, or not shaped [] / [1] (per tensor) or [N, 1] (a weight's per channel).
+    weight_scale, and a scale (weight_scale, input_scale, k_scale, v_scale) that is not float32, not
+    finite and > 0 everywhere, or not shaped [] / [1] (per tensor), [N, 1] (a weight's per channel) or,
+    with `block` (bn, bk), the weight's block grid (`formats.check_block_scale`).
 
-    The loader runs it on what it read, `save_quantized` on what it is about to write: fp8kit never
-    writes a checkpoint it would refuse to load.
+    `tensors` are in fp8kit's names and dtypes (`_normalize_tensors`). The loader runs it on what it
+    read, `save_quantized` on what it is about to write: fp8kit never writes a checkpoint it would
+    refuse to load.
     """
     for key, tensor in tensors.items():
         where = f"{file_of(key)}: tensor {key}"
@@ -139,16 +142,19 @@ def check_fp8_tensors(tensors: dict[str, torch.Tensor], file_of: Any) -> None:
             raise CheckpointError(f"{where}: a scale must be float32, got {tensor.dtype}")
         shape = tuple(tensor.shape)
         weight = tensors.get(key[: -len("_scale")]) if key.endswith(".weight_scale") else None
-        rows = weight.shape[0] if weight is not None and weight.dim() == 2 else None
-        if tensor.numel() != 1 and not (rows is not None and shape == (rows, 1)):
+        weight_shape = tuple(weight.shape) if weight is not None and weight.dim() == 2 else None
+        if block is not None and weight_shape is not None:
+            check_block_scale(where, tensor, weight_shape, block)
+        elif tensor.numel() != 1 and not (weight_shape is not None and shape == (weight_shape[0], 1)):
+            rows = weight_shape[0] if weight_shape is not None else None
             want = "[] or [1]" + (f" (per tensor) or [{rows}, 1] (per channel)" if rows is not None else "")
             raise CheckpointError(f"{where}: scale of shape {list(shape)}; expected {want}")
-        if tensor.numel() == 1 and len(shape) > 1 and not (rows == 1 and shape == (1, 1)):
+        elif tensor.numel() == 1 and len(shape) > 1 and not (weight_shape is not None and weight_shape[0] == 1):
             raise CheckpointError(f"{where}: scale of shape {list(shape)}; expected [] or [1]")
         bad = ~(torch.isfinite(tensor) & (tensor > 0))
         if bool(bad.any()):
-            value = tensor.reshape(-1)[bad.reshape(-1)][0].item()
             index = int(bad.reshape(-1).nonzero()[0])
+            value = tensor.reshape(-1)[index].item()
             raise CheckpointError(
                 f"{where}: scale {value} (element {index}) is not finite and positive; dequantized values would be garbage"
             )
@@ -296,7 +302,8 @@ def load_quantized(
     raw, files = _read_tensors(where)
     scale_dtypes = {k.removesuffix("_inv"): t.dtype for k, t in raw.items() if k.endswith((".weight_scale", _BLOCK_SCALE_SUFFIX))}
     tensors = _normalize_tensors(raw, where)
-    check_fp8_tensors(tensors, lambda key: files.get(key, where))  # a renamed AutoFP8 KV scale: the directory
+    block = config.block_size if config.weight == "block" else None
+    check_fp8_tensors(tensors, lambda key: files.get(key, where), block)  # a renamed tensor: the directory
     model = build_meta_model(config_dict, where, trust_remote_code)
     quantized = experts_from_disk(model, tensors, config_dict.get("model_type"), config, where)  # MoE: per expert
     quantized += _swap_in_fp8_layers(model, tensors, config, where, scale_dtypes)

@@ -20,7 +20,7 @@ from ..linear import FP8Linear
 from ..offload import offloaded_tensor
 from .formats import DEFAULT_FORMAT, check_format, kv_scale_shape, layer_tensors, quantization_config_dict
 from .moe import INPUT_SCALE_MODES, disk_renamer, experts_to_disk, ignored_layers
-from .load import check_fp8_tensors
+from .load import _normalize_tensors, check_fp8_tensors
 from .writer import atomic_directory, write_config, write_shards
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -139,7 +139,8 @@ def save_quantized(
     if source is not None:
         check_disjoint(source, path, "the model's source", "output directory")
     tensors = _checkpoint_tensors(model, format, moe_input_scales)
-    check_fp8_tensors(tensors, lambda key: f"{path} (not written)")
+    block = config.block_size if config.weight == "block" else None
+    check_fp8_tensors(_normalize_tensors(tensors, Path(path)), lambda key: f"{path} (not written)", block)
 
     with atomic_directory(path, overwrite=overwrite) as tmp:
         write_config(tmp, config_dict)
