@@ -100,6 +100,13 @@ def _source_of(model: nn.Module) -> Path | None:
     return None if source is None else Path(source)
 
 
+def _check_not_source(model: nn.Module, path: str | os.PathLike) -> None:
+    """Refuse an output `path` that overlaps where `model` was loaded from (`files.check_disjoint`)."""
+    source = _source_of(model)
+    if source is not None:
+        check_disjoint(source, path, "the model's source", "output directory")
+
+
 def save_quantized(
     model: nn.Module,
     path: str | os.PathLike,
@@ -135,9 +142,7 @@ def save_quantized(
     ignored = ignored_layers(model, linears, _model_type(model))
     kv_cache = any(isinstance(getattr(m, "k_scale", None), torch.Tensor) for m in model.modules())
     config_dict["quantization_config"] = quantization_config_dict(config, ignored, kv_cache, format)
-    source = _source_of(model)
-    if source is not None:
-        check_disjoint(source, path, "the model's source", "output directory")
+    _check_not_source(model, path)
     tensors = _checkpoint_tensors(model, format, moe_input_scales)
     block = config.block_size if config.weight == "block" else None
     check_fp8_tensors(_normalize_tensors(tensors, Path(path)), lambda key: f"{path} (not written)", block)
@@ -186,7 +191,7 @@ def save_hf(
     loads with `AutoModelForCausalLM.from_pretrained`, `fp8kit.core.models.load_model` and
     `quantize_checkpoint` (streaming). Tied tensors are stored once (the model re-ties them on load).
     dtype: cast floating tensors to it (e.g. torch.bfloat16 halves the files); default: as they are.
-    Refuses a model with FP8 layers (use `save_quantized`).
+    Refuses a model with FP8 layers (use `save_quantized`), and a `path` overlapping the model's source.
     """
     if dtype is not None and dtype not in _DTYPE_NAMES:
         raise CheckpointError(f"save_hf: dtype {dtype} is not one of {sorted(_DTYPE_NAMES.values())}")
@@ -195,6 +200,7 @@ def save_hf(
         raise CheckpointError(
             f"save_hf: the model holds {len(fp8)} FP8 layers (e.g. {fp8[0]}); save it with save_quantized"
         )
+    _check_not_source(model, path)
     config_dict = _model_config_dict(model, "save_hf")
     config_dict.pop("quantization_config", None)  # GGUF's: the tensors written here are plain
     tensors = _unique_tensors(model)
