@@ -32,4 +32,4 @@ def assert_clean_failure(result: subprocess.CompletedProcess, pattern: str) -> N
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and re.search(pattern, last), last
+    assert re.match(r"(.*: )?error: ", last) and re.search(pattern, last), last
