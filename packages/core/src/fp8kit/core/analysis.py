@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from .calibration import as_model_inputs
 from .config import QuantConfig
@@ -175,6 +176,7 @@ def layer_sensitivity(
     handles.append(embeddings.register_forward_hook(lambda m, a, out: out.requires_grad_()))
     device = next(model.parameters()).device
     tokens = 0
+    bar = tqdm(total=len(batches) * len(names), desc=f"sensitivity: {len(names)} layers x {len(batches)} batches", unit="layer")
     try:
         for batch in batches:
             inputs = as_model_inputs(batch, device)
@@ -194,8 +196,10 @@ def layer_sensitivity(
                     dy = fp8(x2d) - y.reshape(x2d.shape[0], -1).float()  # (M, N)
                     per_token = (grad.reshape(dy.shape).float() * dy).sum(dim=-1)  # (M,)
                     scores[name] += 0.5 * per_token.double().pow(2).sum().item()
+                    bar.update()
             seen.clear()
     finally:
+        bar.close()
         for handle in handles:
             handle.remove()
     fp8_bytes = 1
