@@ -61,13 +61,13 @@ def test_quantize_under_offload_matches_the_plain_model(tmp_path, config):
     resident_at_quantization: list[int] = []
     real_from_linear = FP8Linear.from_linear.__func__
 
-    def spy(cls, linear, cfg, input_scale=None):
+    def spy(cls, linear, cfg, *args, **kwargs):
         # Offloaded Linear layers currently holding real weights: only the one being quantized.
         resident_at_quantization.append(
             sum(1 for m in model.modules() if type(m) is nn.Linear and is_offloaded(m) and not m.weight.is_meta)
         )
         assert not linear.weight.is_meta
-        return real_from_linear(cls, linear, cfg, input_scale)
+        return real_from_linear(cls, linear, cfg, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(FP8Linear, "from_linear", classmethod(spy))
