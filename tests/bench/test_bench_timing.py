@@ -132,3 +132,51 @@ def test_device_clock_drives_pytest_benchmark(pytester):
     stats = json.loads((pytester.path / "out.json").read_text())["benchmarks"][0]["stats"]
     assert stats["rounds"] == 7
     assert stats["median"] == pytest.approx(25e-6, rel=1e-9) and stats["max"] == pytest.approx(25e-6, rel=1e-9)
+
+
+def test_eager_cuda_samples_are_rounds_of_back_to_back_calls(monkeypatch):
+    # Fake CUDA: every call takes 30 µs on the device; events read the device clock when recorded. One
+    # sample is one round over the three rotated fns, divided by 3; the events bracket rounds, not calls.
+    import torch
+
+    from fp8kit.bench import timing
+
+    device = FakeDevice(start_ms=1e3)
+    calls: list[str] = []
+
+    def new_event(enable_timing=True):
+        return device.new_event()
+
+    class Cuda:
+        Event = staticmethod(new_event)
+
+        @staticmethod
+        def synchronize(device=None):
+            pass
+
+        @staticmethod
+        def current_stream(device=None):
+            return None
+
+    monkeypatch.setattr(timing.torch, "cuda", Cuda)
+    recorded = []
+    real_new = device.new_event
+
+    def new_event_with_stream():
+        event = real_new()
+        record = event.record
+        event.record = lambda stream=None: (recorded.append(len(calls)), record())
+        return event
+
+    device.new_event = new_event_with_stream
+
+    def make(name):
+        def fn():
+            calls.append(name)
+            device.now_ms += 0.030
+        return fn
+
+    times = time_calls([make("a"), make("b"), make("c")], torch.device("cuda"), TimingConfig(warmup=1, min_runs=4, max_runs=4, budget_ms=1e-3))
+    assert times == pytest.approx([0.030] * 4, rel=1e-9)  # ms per call
+    assert calls[:1] == ["a"] and len(calls) == 1 + 3 + 4 * 3  # warm-up, one probe round, four timed rounds
+    assert recorded[::2] == [4, 7, 10, 13] and recorded[1::2] == [7, 10, 13, 16]  # begin / end around whole rounds

@@ -31,8 +31,10 @@ SMALL_BLOCKS = {
 SMALL_ONE_LAUNCH = {"_SMALL_BLOCK_A": 256, "_SMALL_SLICE": 64}
 KNOBS = (
     "_MAX_ONE_PASS_K", "_LOOP_BLOCK_K", "_SMALL_NUMEL", "_FLAT_BLOCK_SMALL", "_SMALL_BLOCK_A", "_SMALL_SLICE",
-    "_GROUP_TILE_K", "_GROUP_TILE",
+    "_GROUP_TILE_K", "_GROUP_TILE", "_SPLIT_ROW_MIN_K", "_SPLIT_ROW_SLICE", "_SPLIT_ROW_PER_SM",
 )  # fmt: skip
+# Per-token rows split over several programs (the decode-size kernel), slices not dividing K.
+SPLIT_ROWS = {"_SPLIT_ROW_MIN_K": 64, "_SPLIT_ROW_SLICE": 64, "_SPLIT_ROW_PER_SM": 1000}
 GROUP_OPS = {"group": 128, "group32": 32}  # per-group quantization and its group size
 
 CHILD = """
@@ -109,7 +111,12 @@ def _cases() -> dict[str, dict]:
         cases[f"one-launch-{shape[0]}x{shape[1]}"] = dict(
             input=random_input(shape, torch.float16, seed=7 * sum(shape)), overrides=SMALL_ONE_LAUNCH
         )
+    for shape in [(1, 300), (5, 576), (16, 200)]:
+        cases[f"split-rows-{shape[0]}x{shape[1]}"] = dict(
+            input=random_input(shape, torch.bfloat16, seed=3 * sum(shape)), overrides=SPLIT_ROWS
+        )
     cases["special-values"] = dict(input=_special_values())
+    cases["special-values-split-rows"] = dict(input=_special_values(), overrides=SPLIT_ROWS)
     cases["special-values-one-launch"] = dict(input=_special_values(), overrides=SMALL_ONE_LAUNCH)
     cases["special-values-small-blocks"] = dict(input=_special_values(), overrides=SMALL_BLOCKS)
     no_nan = _special_values()
@@ -561,3 +568,18 @@ def test_fp8_matmul_on_cpu_never_takes_the_skinny_path(monkeypatch):
     out = scaling.fp8_matmul(xq, wq, xs, ws, out_dtype=torch.float32)
     assert calls == []
     assert_gemm_close(out, xq, wq, xs, ws, None, "cpu")
+
+
+@pytest.mark.parametrize(("m", "k", "split"), [(1, 14336, 14), (16, 14336, 14), (16, 4096, 0), (64, 14336, 0), (1, 20000, 0)])
+def test_per_token_splits_rows_at_decode_sizes_only(monkeypatch, m, k, split):
+    # Which kernel quantize_per_token launches (132 SMs): rows of >= 8192 columns split into 1024-column
+    # slices while the grid stays within 2 programs per SM; else (and above _MAX_ONE_PASS_K) a row per program.
+    launches = []
+    monkeypatch.setattr(kernels, "_num_sms", lambda device: 132)
+    monkeypatch.setattr(kernels, "_launch", lambda kernel, grid, args, consts, *rest: launches.append((kernel, grid, consts)))
+    kernels.quantize_per_token(torch.randn(m, k, dtype=torch.bfloat16))
+    ((kernel, grid, consts),) = launches
+    if split:
+        assert kernel is kernels._build().per_token_split and grid == m * split and consts[1] == split
+    else:
+        assert kernel is kernels._build().per_token

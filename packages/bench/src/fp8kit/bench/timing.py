@@ -73,10 +73,16 @@ def time_calls(
     device: torch.device | str,
     config: TimingConfig = TimingConfig(),  # noqa: B008 - frozen, immutable default
 ) -> list[float]:
-    """Per-call latencies in ms of calling `fns` round-robin (one call = one sample).
+    """Per-call times in ms of calling `fns` eagerly, round-robin.
 
     Several `fns` rotate through distinct weights so that small-M GEMMs read them from HBM rather
     than from L2 (REFERENCE section 6); pass a one-element list when rotation is not needed.
+    On CUDA one sample is one back-to-back round over all `fns` (a chain of eager calls, as a decode
+    loop makes them), timed by one CUDA-event pair and divided by len(fns): while the host launches
+    faster than the device runs, that is device time; when it cannot keep up, the gaps count. (An
+    event pair around each call would instead add the host's time to reach the launch to every call
+    that finds the device idle, and measure latency, not what a chain of calls takes.) On a CPU
+    device one call is one sample, timed on the host clock.
     """
     if not fns:
         raise ValueError("time_calls: no callables given")
@@ -85,7 +91,7 @@ def time_calls(
     for _ in range(config.warmup):
         next(cycle)()
     if device.type == "cuda":
-        return _time_cuda(cycle, device, config)
+        return _time_cuda(cycle, len(fns), device, config)
     return _time_host(cycle, config)
 
 
@@ -103,25 +109,24 @@ def _time_host(cycle: itertools.cycle, config: TimingConfig) -> list[float]:
     return times
 
 
-def _time_cuda(cycle: itertools.cycle, device: torch.device, config: TimingConfig) -> list[float]:
+def _time_cuda(cycle: itertools.cycle, calls: int, device: torch.device, config: TimingConfig) -> list[float]:
     stream = torch.cuda.current_stream(device)
     torch.cuda.synchronize(device)
-    # Probe a few calls to size the run count within the budget, then time them all in one go.
-    probe = max(1, min(config.min_runs, 5))
+    # Probe a round to size the number of rounds within the budget, then time them all in one go.
     start = time.perf_counter()
-    for _ in range(probe):
+    for _ in range(calls):
         next(cycle)()
     torch.cuda.synchronize(device)
-    per_call_ms = (time.perf_counter() - start) * 1e3 / probe
-    runs = int(min(config.max_runs, max(config.min_runs, config.budget_ms / max(per_call_ms, 1e-3))))
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(runs)]
+    per_round_ms = (time.perf_counter() - start) * 1e3
+    rounds = int(min(config.max_runs, max(config.min_runs, config.budget_ms / max(per_round_ms, 1e-3))))
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(rounds)]
     for begin, end in events:
-        fn = next(cycle)
         begin.record(stream)
-        fn()
+        for _ in range(calls):
+            next(cycle)()
         end.record(stream)
     torch.cuda.synchronize(device)
-    return [begin.elapsed_time(end) for begin, end in events]
+    return [begin.elapsed_time(end) / calls for begin, end in events]
 
 
 def time_cuda_graph(

@@ -56,6 +56,12 @@ _FLAT_BLOCK = 8192  # elements per program of the flat (static / per-tensor) ker
 _FLAT_BLOCK_SMALL = 1024  # ... on tensors under _FLAT_SMALL_NUMEL: more programs for decode sizes
 _FLAT_SMALL_NUMEL = 1 << 22
 _PARTIALS_PER_SM = 4
+# Per-token rows of at least this many columns (and at most _MAX_ONE_PASS_K) are split over several
+# programs of _SPLIT_ROW_SLICE columns each when the grid stays within _SPLIT_ROW_PER_SM programs per SM
+# (decode sizes).
+_SPLIT_ROW_MIN_K = 8192
+_SPLIT_ROW_SLICE = 1024
+_SPLIT_ROW_PER_SM = 2
 _EPILOGUE_BLOCK_N = 512  # output columns per program of the scale epilogue (one row per program)
 _GROUP_TILE_K = 1024  # per-group kernel: columns (whole groups) per program
 _GROUP_TILE = 4096  # ... and about this many elements per program (rows x columns)
@@ -186,6 +192,27 @@ def _define_kernels() -> None:
                 q = _quantize(x, scale[:, None])
                 tl.store(q_ptr + row_off + k0 + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(s_ptr + rows, scale, mask=row_mask)
+
+    @triton.jit
+    def per_token_split_kernel(
+        x_ptr, q_ptr, s_ptr, K, FLOOR_BITS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_K: tl.constexpr,
+        SLICE: tl.constexpr,
+    ):  # fmt: skip
+        # Program p: row p // SPLIT reduced whole (read from L2 by each of its SPLIT programs), then
+        # columns [s * SLICE, (s + 1) * SLICE) of it quantized, s = p % SPLIT. Same values as per_token_kernel.
+        pid = tl.program_id(0)
+        row = pid // SPLIT
+        part = pid % SPLIT
+        x_row = x_ptr + row.to(tl.int64) * K
+        cols = tl.arange(0, BLOCK_K)
+        bits = _abs_bits(tl.load(x_row + cols, mask=cols < K, other=0.0))
+        scale = _scale_from_bits(tl.max(bits, axis=0), FLOOR_BITS)
+        mine = part * SLICE + tl.arange(0, SLICE)
+        x = tl.load(x_row + mine, mask=mine < K, other=0.0).to(tl.float32)
+        q = _quantize(x, scale)
+        tl.store(q_ptr + row.to(tl.int64) * K + mine, q.to(q_ptr.dtype.element_ty), mask=mine < K)
+        if part == 0:
+            tl.store(s_ptr + row, scale)
 
     @triton.jit
     def per_group_kernel(
@@ -338,6 +365,7 @@ def _define_kernels() -> None:
         fused_linear=_define_fused_linear(),
         scale_epilogue=scale_epilogue_kernel,
         per_token=per_token_kernel,
+        per_token_split=per_token_split_kernel,
         per_group=per_group_kernel,
         static=static_kernel,
         amax_partial=amax_partial_kernel,
@@ -481,7 +509,14 @@ def quantize_per_token(
     x, out = _prepare(x, "quantize_per_token", out, out_dtype)
     m, k = x.shape
     scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
-    if m:
+    if m and _SPLIT_ROW_MIN_K <= k <= _MAX_ONE_PASS_K and m * _cdiv(k, _SPLIT_ROW_SLICE) <= _SPLIT_ROW_PER_SM * _num_sms(x.device):
+        # Decode sizes: a row per program leaves most of the GPU idle and serializes each row's work.
+        split = _cdiv(k, _SPLIT_ROW_SLICE)
+        _launch(
+            _build().per_token_split, m * split, (x, out, scale, k),
+            (_FLOOR_BITS, split, max(16, _next_pow2(k)), _SPLIT_ROW_SLICE), 8 if k > 4096 else 4, x.device,
+        )  # fmt: skip
+    elif m:
         _launch_rows(_build().per_token, x, out, scale, m, k, 1)
     return out, scale
 

@@ -338,7 +338,8 @@ def _skinny_rowwise_matmul(
     per-tensor cuBLAS GEMM on H100 for 4096x14336); the per-tensor GEMM with unit scales gives the
     exact fp32 accumulator, the epilogue applies ``x_scale[m] * weight_scale[n] (+ bias[n])``.
     Not bit-identical to CUTLASS's epilogue (rounding order), equally accurate against float64.
-    Returns None where this path does not apply (the caller then takes the plain row-wise path).
+    Returns None where this path does not apply (the caller then takes the plain row-wise path); where
+    `_scaled_mm` rejects the shape, the dequantized reference (one attempt per call, as `fp8_matmul`).
     """
     m, n = x_fp8.shape[0], weight_fp8.shape[0]
     if (
@@ -365,8 +366,9 @@ def _skinny_rowwise_matmul(
         return None
     try:
         acc = torch._scaled_mm(x_fp8, weight_t, one, one, out_dtype=torch.float32, use_fast_accum=use_fast_accum)
-    except RuntimeError:  # the row-wise path retries and falls back with a warning
-        return None
+    except RuntimeError as exc:  # a shape cuBLAS rejects (e.g. K % 16): the row-wise GEMM would too
+        _warn_once(f"torch._scaled_mm rejected {tuple(x_fp8.shape)} x {tuple(weight_fp8.shape)} -> {out_dtype}: {exc}")
+        return _reference_matmul(x_fp8, weight_fp8, x_scale, weight_scale, bias, out_dtype)
     if isinstance(acc, tuple):  # torch < 2.5 returned (out, amax)
         acc = acc[0]
     return kernels.scale_epilogue(acc, x_scale, weight_scale, bias, out_dtype)
