@@ -230,6 +230,23 @@ def test_plan_modes_follow_the_rule_eagerly_and_under_capture(monkeypatch):
     assert skinny.plan_for("tensor", 4, 64, 128, **common)[0] == "fused"
 
 
+def test_direct_calls_above_eager_max_m_take_the_graph_mode(monkeypatch):
+    monkeypatch.setattr(kernels, "unavailable_reason", lambda device: None)  # plan on the CPU (no launch)
+    shipped = skinny.TABLE
+    rule = skinny.Rule(16, kernels.FusedTiles(block_n=32, split_k=2), graph="prequant", eager_max_m=1)
+    monkeypatch.setattr(skinny, "TABLE", {("token", "small"): rule})
+    common = dict(x_dtype=torch.bfloat16, weight_scale_rows=True, has_bias=False, device=torch.device("cpu"))
+    assert [rule.mode(m, False) for m in (1, 2, 16)] == ["fused", "prequant", "prequant"]
+    assert rule.mode(1, True) == "prequant"
+    assert skinny.plan_for("token", 1, 64, 128, **common)[0] == "fused"
+    mode, plan = skinny.plan_for("token", 2, 64, 128, **common)
+    assert mode == "prequant" and plan.activation == "fp8"
+    # The shipped table: per-token gate / up / down eagerly fused at M = 1 only; static fused at every M.
+    for m, expected in ((1, "fused"), (8, "prequant"), (16, "prequant")):
+        assert shipped[("token", "deep")].mode(m, False) == expected
+    assert shipped[("static", "deep")].mode(16, False) == "fused"
+
+
 def test_the_shipped_table_covers_every_scheme_and_class():
     for scheme in ("static", "tensor", "token"):
         for cls in ("small", "square", "wide", "deep"):

@@ -33,6 +33,7 @@ from fp8kit.core import kernels, scaling
 
 SHAPES = ((14336, 4096), (4096, 14336))
 MS = (1, 8, 16)
+TILE_SHAPES, TILE_MS = SHAPES, MS  # --tile-shapes / --tile-ms
 
 
 def quant(out: Path, end: float) -> None:
@@ -102,15 +103,18 @@ def linear(out: Path, end: float) -> None:
 
 def tiles_sweep(out: Path, end: float) -> None:
     table = fdc.Csv(out / "tiles.csv")
-    for n, k in SHAPES:
-        splits = (1, 2) if n > k else (2, 4, 8)
+    for n, k in TILE_SHAPES:
+        if n >= 2 * k:  # wide: no split
+            grid = itertools.product((64, 128, 256), (256, 512), (1, 2), (4, 8), (3, 4))
+        else:  # deep / square / small: split-K; 256-column K steps won every earlier sweep
+            grid = itertools.product((32, 64, 128), (256,), (2, 4, 8), (4, 8), (3, 4))
         grid = [
             kernels.FusedTiles(block_n=bn, block_k=bk, split_k=sk, num_warps=nw, num_stages=st)
-            for bn, bk, sk, nw, st in itertools.product((64, 128, 256), (256, 512), splits, (4, 8), (3, 4))
+            for bn, bk, sk, nw, st in grid
             if not (bn == 256 and nw == 4)
         ]
         weights = fdc.rotated(n, k, "tensor", 1)
-        xs = {m: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for m in MS}
+        xs = {m: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for m in TILE_MS}
         for tiles in grid:
             if time.monotonic() > end:
                 return
@@ -208,13 +212,18 @@ def main() -> None:
     parser.add_argument("--out", default="out/probe")
     parser.add_argument("--sections", default="quant,linear,stack,tiles")
     parser.add_argument("--budget-s", type=float, default=300)
+    parser.add_argument("--tile-shapes", default="14336x4096,4096x14336", help="N x K of the tile sweep")
+    parser.add_argument("--tile-ms", default="1,8,16")
     parser.add_argument("--dry-run", action="store_true", help="the stack section on a tiny CPU model (tests the script)")
     args = parser.parse_args()
+    global TILE_SHAPES, TILE_MS
+    TILE_SHAPES = tuple(tuple(int(v) for v in shape.split("x")) for shape in args.tile_shapes.split(","))
+    TILE_MS = tuple(int(m) for m in args.tile_ms.split(","))
     if args.dry_run:
         fdc.DEVICE = "cpu"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    limits = {"quant": 0.1, "linear": 0.3, "stack": 0.25, "tiles": 0.35}
+    limits = {"quant": 0.1, "linear": 0.3, "stack": 0.25, "tiles": 0.35 if len(args.sections.split(",")) > 1 else 1.0}
     start = time.monotonic()
     for name in args.sections.split(","):
         end = min(start + args.budget_s, time.monotonic() + limits[name] * args.budget_s)

@@ -35,11 +35,12 @@ MODES = ("fused", "prequant", "existing")
 
 @dataclass(frozen=True)
 class Rule:
-    """For M <= max_m: `eager` is the mode of direct calls, `graph` the mode inside CUDA-graph capture (the
-    dynamic schemes' fused kernel reduces all of x in every program, which costs more device time than a
-    separate quantize launch does under a graph, but less host time than one more launch does eagerly).
-    ``tiles.split_k == 0`` picks split-K so that the grid has about `programs_per_sm` programs per
-    multiprocessor (at most `max_split_k`)."""
+    """For M <= max_m: `eager` is the mode of direct calls up to M = `eager_max_m` (None: max_m) and
+    `graph` the mode inside CUDA-graph capture and of direct calls above eager_max_m. (The dynamic
+    schemes' fused kernel reduces all of x in every program: at M = 1 that costs about what a separate
+    quantize launch does, at M = 8-16 it costs more device time than the second launch costs host
+    time.) ``tiles.split_k == 0`` picks split-K so that the grid has about `programs_per_sm` programs
+    per multiprocessor (at most `max_split_k`)."""
 
     max_m: int
     tiles: FusedTiles
@@ -47,16 +48,25 @@ class Rule:
     graph: str = "fused"
     programs_per_sm: float = 1.0
     max_split_k: int = 8
+    eager_max_m: int | None = None
+
+    def mode(self, m: int, capturing: bool) -> str:
+        """The mode of an M-row call (M <= max_m), inside CUDA-graph capture or not."""
+        eager = not capturing and (self.eager_max_m is None or m <= self.eager_max_m)
+        return self.eager if eager else self.graph
 
 
-def _tiles_of(block_n: int, split_k: int) -> FusedTiles:
-    return FusedTiles(block_n=block_n, block_k=256, split_k=split_k)
-
-
-# Tiles per shape class, the fastest of tools/gpu/fused_decode_check.py's sweep on an H200 (run A,
-# 2026-12-01: docs/dev/kernels-notes.md): 128 x 256 tiles, split-K 4 where N <= 4096, 32-column tiles
-# with split-K 8 for the small k / v projections.
-_TILES = {"wide": _tiles_of(128, 1), "deep": _tiles_of(128, 4), "square": _tiles_of(128, 4), "small": _tiles_of(32, 8)}
+# Tiles per shape class, the fastest of two sweeps on an H200: tools/gpu/fused_decode_check.py (run A,
+# 2026-12-01: docs/dev/kernels-notes.md) and tools/gpu/decode_probe.py (static activations, µs per call
+# under CUDA graphs, M = 1 / 8 / 16): wide 128 x 256 tiles, 8 warps, 4 stages (18.3-18.8 vs 21.6-22.2
+# with 4 warps, 3 stages); deep 64 x 256, split-K 4, 4 stages (19.4-20.6 vs 21.5-22.5 with 128-row
+# tiles); square 128 x 256 split-K 4 and small 32 x 256 split-K 8 from run A.
+_TILES = {
+    "wide": FusedTiles(block_n=128, block_k=256, split_k=1, num_warps=8, num_stages=4),
+    "deep": FusedTiles(block_n=64, block_k=256, split_k=4, num_warps=4, num_stages=4),
+    "square": FusedTiles(block_n=128, block_k=256, split_k=4),
+    "small": FusedTiles(block_n=32, block_k=256, split_k=8),
+}
 
 #: (scheme, shape class) -> Rule. Scheme: "static" (calibrated per-tensor activation scale), "tensor"
 #: (dynamic per-tensor), "token" (dynamic per-token); shape class: `shape_class(N, K)`. A pair missing
@@ -65,12 +75,25 @@ _TILES = {"wide": _tiles_of(128, 1), "deep": _tiles_of(128, 4), "square": _tiles
 #: 22.4-22.9 -> 19.9-20.9; 1024 x 4096: 7.5 -> 6.3; 4096 x 4096: a tie, 9.0-9.2 vs 9.0-9.5); per-token
 #: under graphs prequant everywhere (22.1-22.7 -> 20.2-20.7; 27.0-28.6 -> 23.7-25.0; 11.3-11.4 ->
 #: 10.4-11.0; 9.6-16.5 -> 7.4-7.6); per-tensor under graphs prequant except 4096 x 4096, where the
-#: existing path is 0.5-1 µs faster. Eagerly every scheme runs fused: one launch instead of 2-3 (host
-#: µs per FP8 call: ~20 fused, 45-150 existing).
+#: existing path is 0.5-1 µs faster. Eagerly every scheme runs fused (one launch instead of 2-3; host
+#: µs per FP8 call: ~20 fused, 45-150 existing), except where the dynamic schemes' in-kernel reduction
+#: costs more device time at M = 8 / 16 than a second launch costs host time: there direct calls above
+#: `_EAGER_FUSED_MAX_M` take "prequant" too (decode_probe.py, µs under graphs, fused -> prequant:
+#: per-token 14336 x 4096 33.6-34.3 -> 22.2-22.4, 4096 x 14336 43.8-47.0 -> 23.6-24.2; per-tensor
+#: 4096 x 14336 M = 16 35.1 -> 25.0).
+_EAGER_FUSED_MAX_M = {("token", "wide"): 1, ("token", "deep"): 1, ("tensor", "deep"): 8}
 TABLE: dict[tuple[str, str], Rule] = {
     **{("static", cls): Rule(16, tiles) for cls, tiles in _TILES.items()},
-    **{("token", cls): Rule(16, tiles, graph="prequant") for cls, tiles in _TILES.items()},
-    **{("tensor", cls): Rule(16, tiles, graph="existing" if cls == "square" else "prequant") for cls, tiles in _TILES.items()},
+    **{
+        ("token", cls): Rule(16, tiles, graph="prequant", eager_max_m=_EAGER_FUSED_MAX_M.get(("token", cls)))
+        for cls, tiles in _TILES.items()
+    },
+    **{
+        ("tensor", cls): Rule(
+            16, tiles, graph="existing" if cls == "square" else "prequant", eager_max_m=_EAGER_FUSED_MAX_M.get(("tensor", cls))
+        )
+        for cls, tiles in _TILES.items()
+    },
 }
 #: No rule goes above this M (a cheap first test in `FP8Linear.forward`); the kernel takes M <= 64.
 MAX_M = 16
@@ -149,7 +172,7 @@ def plan_for(
     rule = rule_for(scheme, m, n, k)
     if rule is None or x_dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return None
-    mode = rule.graph if capturing else rule.eager
+    mode = rule.mode(m, capturing)
     if mode == "existing" or kernels.unavailable_reason(device) is not None:
         return None
     prequant = mode == "prequant"
