@@ -252,3 +252,43 @@ def test_the_shipped_table_covers_every_scheme_and_class():
         for cls in ("small", "square", "wide", "deep"):
             rule = skinny.TABLE[(scheme, cls)]
             assert rule.max_m == skinny.MAX_M and rule.eager in skinny.MODES and rule.graph in skinny.MODES
+
+
+@pytest.mark.parametrize("scheme", ["static", "tensor", "token"])
+def test_skinny_linear_operator_passes_opcheck_and_compiles_without_graph_breaks(scheme):
+    # The operator torch.compile calls for FP8Linear at decode sizes. On the CPU it takes the existing
+    # path, so it must equal that path bit for bit, eagerly and compiled (fullgraph: no graph break).
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48).to(torch.bfloat16)
+    config = QuantConfig(activation="static") if scheme == "static" else QuantConfig(weight="channel", activation_granularity=scheme)
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    module = FP8Linear.from_linear(linear, config, scaling.tensor_scale(x) if scheme == "static" else None)
+    args = (x, module.weight, module.weight_scale, module.input_scale, module.bias, scheme, False)
+    torch.library.opcheck(torch.ops.fp8kit.skinny_linear.default, args, test_utils=("test_faketensor",))
+    expected = module(x)  # CPU: the existing path
+    assert torch.equal(torch.ops.fp8kit.skinny_linear(*args), expected)
+    compiled = torch.compile(lambda *a: torch.ops.fp8kit.skinny_linear(*a), fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(*args), expected)
+
+
+def test_compiled_fp8linear_calls_the_operator_where_the_table_has_a_rule(monkeypatch):
+    # While torch.compile traces FP8Linear, a CUDA input of M <= MAX_M with a rule goes to
+    # fp8kit::skinny_linear (whose tracing the test above covers). Here on the CPU: the input pretends to
+    # be on CUDA, tracing is pretended, and the operator is a recorder.
+    calls = []
+
+    def record(x, weight, weight_scale, input_scale, bias, scheme, fast_accum):
+        calls.append((tuple(x.shape), scheme, fast_accum))
+        return x.new_zeros(x.shape[0], weight.shape[0])
+
+    module = FP8Linear.from_linear(nn.Linear(64, 48).to(torch.bfloat16), QuantConfig(weight="channel", activation_granularity="token"))
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(torch.ops.fp8kit, "skinny_linear", record, raising=False)
+    monkeypatch.setattr(skinny, "TABLE", {("token", "small"): skinny.Rule(max_m=16, tiles=kernels.FusedTiles())})
+    assert module(torch.randn(2, 3, 64, dtype=torch.bfloat16)).shape == (2, 3, 48)
+    assert calls == [((6, 64), "token", False)]
+    monkeypatch.setattr(skinny, "TABLE", {})  # no rule: the torch ops path
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: False))
+    module(torch.randn(6, 64, dtype=torch.bfloat16))
+    assert len(calls) == 1

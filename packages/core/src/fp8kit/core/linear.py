@@ -150,8 +150,17 @@ class FP8Linear(FixedDtypeBuffers):
                 use_fast_accum=self.use_fast_accum,
             )  # (M, N)
             return out if flat else out.reshape(*x.shape[:-1], self.out_features)
-        if not torch.compiler.is_compiling() and x2d.is_cuda and x2d.shape[0] <= skinny.MAX_M:  # no guard on M
-            out = self._fused(x2d)  # one launch where measured faster (decode sizes), else None
+        if x2d.is_cuda and x2d.shape[0] <= skinny.MAX_M:  # device first: no guard on M on CPU
+            if not torch.compiler.is_compiling():
+                out = self._fused(x2d)  # one launch where measured faster (decode sizes), else None
+            elif skinny.rule_for(self._skinny_scheme, x2d.shape[0], self.out_features, self.in_features) is not None:
+                # Compiled: the same kernels as one opaque operator (torch ops would replace them).
+                out = torch.ops.fp8kit.skinny_linear(
+                    x2d, self.weight, self.weight_scale, self.input_scale, self.bias, self._skinny_scheme,
+                    self.use_fast_accum,
+                )  # fmt: skip
+            else:
+                out = None
             if out is not None:
                 return out if flat else out.reshape(*x.shape[:-1], self.out_features)
         # Triton kernels on GPU in eager; the torch reference ops under torch.compile.
@@ -188,11 +197,9 @@ class FP8Linear(FixedDtypeBuffers):
         return self._run(entry, x2d)
 
     def _run(self, entry: tuple, x2d: torch.Tensor) -> torch.Tensor:
-        mode, plan = entry
-        if mode == "prequant":
-            x_fp8, x_scale = scaling.quantize_activation(x2d, self.activation_granularity)
-            return plan(x_fp8, self.weight, self.weight_scale, x_scale, self.bias)
-        return plan(x2d, self.weight, self.weight_scale, self.input_scale, self.bias)
+        return skinny.run_plan(
+            entry, x2d, self.weight, self.weight_scale, self.input_scale, self.bias, self.activation_granularity
+        )
 
     def _plan(self, key: tuple, x2d: torch.Tensor) -> torch.Tensor | None:
         """Plan `key` (see `_fused`), run it once (Triton compiles here) and cache it; a plan that fails

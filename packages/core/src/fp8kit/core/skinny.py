@@ -18,13 +18,16 @@ from dataclasses import dataclass
 
 import torch
 
-from . import kernels
+from . import kernels, scaling
 from .kernels import FusedTiles
 
 logger = logging.getLogger(__name__)
 _warned: set[str] = set()
 
-__all__ = ["MODES", "Rule", "TABLE", "MAX_M", "ENABLED", "scheme_of", "shape_class", "rule_for", "plan_for", "warn_once"]
+__all__ = [
+    "MODES", "Rule", "TABLE", "MAX_M", "ENABLED", "scheme_of", "shape_class", "rule_for", "plan_for", "run_plan",
+    "warn_once", "skinny_linear",
+]  # fmt: skip
 
 
 #: How a skinny linear runs: "fused" (one launch: `kernels.fused_linear` quantizes x itself), "prequant"
@@ -60,12 +63,13 @@ class Rule:
 # 2026-12-01: docs/dev/kernels-notes.md) and tools/gpu/decode_probe.py (static activations, µs per call
 # under CUDA graphs, M = 1 / 8 / 16): wide 128 x 256 tiles, 8 warps, 4 stages (18.3-18.8 vs 21.6-22.2
 # with 4 warps, 3 stages); deep 64 x 256, split-K 4, 4 stages (19.4-20.6 vs 21.5-22.5 with 128-row
-# tiles); square 128 x 256 split-K 4 and small 32 x 256 split-K 8 from run A.
+# tiles); square (4096 x 4096) 64 x 256 split-K 4 (8.8-9.2 vs 9.7-10.2 with 128-row tiles); small
+# (1024 x 4096) 64 x 256 split-K 8 (5.8-6.2 vs 6.2 with 32-row tiles).
 _TILES = {
     "wide": FusedTiles(block_n=128, block_k=256, split_k=1, num_warps=8, num_stages=4),
     "deep": FusedTiles(block_n=64, block_k=256, split_k=4, num_warps=4, num_stages=4),
-    "square": FusedTiles(block_n=128, block_k=256, split_k=4),
-    "small": FusedTiles(block_n=32, block_k=256, split_k=8),
+    "square": FusedTiles(block_n=64, block_k=256, split_k=4),
+    "small": FusedTiles(block_n=64, block_k=256, split_k=8),
 }
 
 #: (scheme, shape class) -> Rule. Scheme: "static" (calibrated per-tensor activation scale), "tensor"
@@ -183,3 +187,82 @@ def plan_for(
         tiles=_tiles(rule, n, k, device),
     )  # fmt: skip
     return None if plan is None else (mode, plan)
+
+
+def run_plan(
+    entry: tuple[str, kernels.FusedPlan],
+    x2d: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    input_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    granularity: str,
+) -> torch.Tensor:
+    """Run `plan_for`'s (mode, plan) on x2d [M, K] (contiguous): [M, N]. "prequant" quantizes x2d first
+    (per `granularity`, or with the static `input_scale`), "fused" passes it as is."""
+    mode, plan = entry
+    if mode == "prequant":
+        x_fp8, x_scale = scaling.quantize_activation(x2d, granularity, input_scale)
+        return plan(x_fp8, weight, weight_scale, x_scale, bias)
+    return plan(x2d, weight, weight_scale, input_scale, bias)
+
+
+# (rule, scheme, M, N, K, x dtype, device, per-channel weight scales, bias dtype, fast accumulation,
+# capturing) -> (mode, plan) or None: the launch plans of `skinny_linear` (the compiled path keeps no module state).
+_op_plans: dict[tuple, tuple | None] = {}
+_GRANULARITY = {"static": "tensor", "tensor": "tensor", "token": "token"}
+
+
+@torch.library.custom_op(
+    "fp8kit::skinny_linear",
+    mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor weight_scale, Tensor? input_scale, Tensor? bias, str scheme, "
+    "bool fast_accum) -> Tensor",
+)
+def skinny_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    input_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scheme: str,
+    fast_accum: bool,
+) -> torch.Tensor:
+    """`FP8Linear`'s decode-size path as one operator, which `torch.compile` keeps as is (its kernels
+    would otherwise be traced into torch ops): x [M, K] CUDA with M <= MAX_M, weight fp8 [N, K],
+    weight_scale fp32 [] / [N, 1], input_scale fp32 [] (scheme "static") or None, bias [N] or None.
+    Returns [M, N] in x's dtype: the fused kernel where `TABLE` has a rule, else the existing path.
+    The first call of a shape outside CUDA-graph capture also compiles the capture-mode plan."""
+    x = x.contiguous()
+    m, k = x.shape
+    n = weight.shape[0]
+    capturing = torch.cuda.is_current_stream_capturing() if x.is_cuda else False
+    rule = rule_for(scheme, m, n, k)  # in the key: a changed TABLE / ENABLED plans again
+    base = (rule, scheme, m, n, k, x.dtype, x.device, weight_scale.dim() != 0, None if bias is None else bias.dtype, fast_accum)
+    granularity = _GRANULARITY[scheme]
+    for mode_capturing in (capturing,) if capturing else (False, True):
+        key = (*base, mode_capturing)
+        if key not in _op_plans:
+            entry = rule and plan_for(
+                scheme, m, n, k, x_dtype=x.dtype, weight_scale_rows=weight_scale.dim() != 0, has_bias=bias is not None,
+                device=x.device, capturing=mode_capturing, fast_accum=fast_accum,
+            )  # fmt: skip
+            if entry is not None and not capturing:
+                try:  # compile (and check) it now, outside any capture
+                    run_plan(entry, x, weight, weight_scale, input_scale, bias, granularity)
+                except Exception as exc:  # noqa: BLE001 - e.g. a Triton that cannot compile it
+                    warn_once(f"the fused skinny-M path failed for M={m} x [{n}, {k}] ({entry[0]}); the existing "
+                              f"path runs instead: {type(exc).__name__}: {exc}")  # fmt: skip
+                    entry = None
+            if entry is not None or not capturing:  # None during capture: ask again later
+                _op_plans[key] = entry
+    entry = _op_plans.get((*base, capturing))
+    if entry is not None:
+        return run_plan(entry, x, weight, weight_scale, input_scale, bias, granularity)
+    x_fp8, x_scale = scaling.quantize_activation(x, granularity, input_scale)
+    return scaling.fp8_matmul(x_fp8, weight, x_scale, weight_scale, bias=bias, out_dtype=x.dtype, use_fast_accum=fast_accum)
+
+
+@skinny_linear.register_fake
+def _skinny_linear_fake(x, weight, weight_scale, input_scale, bias, scheme, fast_accum):  # noqa: ANN001, ANN202
+    return x.new_empty((x.shape[0], weight.shape[0]))
