@@ -230,21 +230,20 @@ def test_plan_modes_follow_the_rule_eagerly_and_under_capture(monkeypatch):
     assert skinny.plan_for("tensor", 4, 64, 128, **common)[0] == "fused"
 
 
-def test_direct_calls_above_eager_max_m_take_the_graph_mode(monkeypatch):
+def test_direct_calls_take_the_eager_tiles_and_capture_the_graph_tiles(monkeypatch):
     monkeypatch.setattr(kernels, "unavailable_reason", lambda device: None)  # plan on the CPU (no launch)
     shipped = skinny.TABLE
-    rule = skinny.Rule(16, kernels.FusedTiles(block_n=32, split_k=2), graph="prequant", eager_max_m=1)
+    eager_tiles, graph_tiles = kernels.FusedTiles(block_n=32, split_k=2), kernels.FusedTiles(block_n=16, split_k=4)
+    rule = skinny.Rule(16, graph_tiles, graph="prequant", eager_tiles=eager_tiles)
     monkeypatch.setattr(skinny, "TABLE", {("token", "small"): rule})
     common = dict(x_dtype=torch.bfloat16, weight_scale_rows=True, has_bias=False, device=torch.device("cpu"))
-    assert [rule.mode(m, False) for m in (1, 2, 16)] == ["fused", "prequant", "prequant"]
-    assert rule.mode(1, True) == "prequant"
-    assert skinny.plan_for("token", 1, 64, 128, **common)[0] == "fused"
-    mode, plan = skinny.plan_for("token", 2, 64, 128, **common)
-    assert mode == "prequant" and plan.activation == "fp8"
-    # The shipped table: per-token gate / up / down eagerly fused at M = 1 only; static fused at every M.
-    for m, expected in ((1, "fused"), (8, "prequant"), (16, "prequant")):
-        assert shipped[("token", "deep")].mode(m, False) == expected
-    assert shipped[("static", "deep")].mode(16, False) == "fused"
+    mode, plan = skinny.plan_for("token", 4, 64, 1024, **common)
+    assert mode == "fused" and plan.grid == 2 * 2  # 64 / 32 column tiles x 2 splits
+    mode, plan = skinny.plan_for("token", 4, 64, 1024, capturing=True, **common)
+    assert mode == "prequant" and plan.grid == 4 * 4  # 64 / 16 column tiles x 4 splits
+    # Shipped: the dynamic schemes' direct calls on deep layers use fewer programs than their capture mode.
+    deep = shipped[("token", "deep")]
+    assert deep.eager_tiles.block_n > deep.tiles.block_n and shipped[("static", "deep")].eager_tiles is None
 
 
 def test_the_shipped_table_covers_every_scheme_and_class():

@@ -38,12 +38,13 @@ MODES = ("fused", "prequant", "existing")
 
 @dataclass(frozen=True)
 class Rule:
-    """For M <= max_m: `eager` is the mode of direct calls up to M = `eager_max_m` (None: max_m) and
-    `graph` the mode inside CUDA-graph capture and of direct calls above eager_max_m. (The dynamic
-    schemes' fused kernel reduces all of x in every program: at M = 1 that costs about what a separate
-    quantize launch does, at M = 8-16 it costs more device time than the second launch costs host
-    time.) ``tiles.split_k == 0`` picks split-K so that the grid has about `programs_per_sm` programs
-    per multiprocessor (at most `max_split_k`)."""
+    """For M <= max_m: `eager` is the mode of direct calls, `graph` the mode inside CUDA-graph capture (the
+    dynamic schemes' fused kernel reduces all of x in every program, which costs more device time than a
+    separate quantize launch does under a graph, but less host time than one more launch does eagerly).
+    `eager_tiles` (None: `tiles`) are the tiles of direct calls: the dynamic schemes' one-launch kernel
+    re-reads x in every program, so it wants fewer programs than the GEMM on a pre-quantized x does.
+    ``tiles.split_k == 0`` picks split-K so that the grid has about `programs_per_sm` programs per
+    multiprocessor (at most `max_split_k`)."""
 
     max_m: int
     tiles: FusedTiles
@@ -51,12 +52,7 @@ class Rule:
     graph: str = "fused"
     programs_per_sm: float = 1.0
     max_split_k: int = 8
-    eager_max_m: int | None = None
-
-    def mode(self, m: int, capturing: bool) -> str:
-        """The mode of an M-row call (M <= max_m), inside CUDA-graph capture or not."""
-        eager = not capturing and (self.eager_max_m is None or m <= self.eager_max_m)
-        return self.eager if eager else self.graph
+    eager_tiles: FusedTiles | None = None
 
 
 # Tiles per shape class, the fastest of two sweeps on an H200: tools/gpu/fused_decode_check.py (run A,
@@ -79,22 +75,22 @@ _TILES = {
 #: 22.4-22.9 -> 19.9-20.9; 1024 x 4096: 7.5 -> 6.3; 4096 x 4096: a tie, 9.0-9.2 vs 9.0-9.5); per-token
 #: under graphs prequant everywhere (22.1-22.7 -> 20.2-20.7; 27.0-28.6 -> 23.7-25.0; 11.3-11.4 ->
 #: 10.4-11.0; 9.6-16.5 -> 7.4-7.6); per-tensor under graphs prequant except 4096 x 4096, where the
-#: existing path is 0.5-1 µs faster. Eagerly every scheme runs fused (one launch instead of 2-3; host
-#: µs per FP8 call: ~20 fused, 45-150 existing), except where the dynamic schemes' in-kernel reduction
-#: costs more device time at M = 8 / 16 than a second launch costs host time: there direct calls above
-#: `_EAGER_FUSED_MAX_M` take "prequant" too (decode_probe.py, µs under graphs, fused -> prequant:
-#: per-token 14336 x 4096 33.6-34.3 -> 22.2-22.4, 4096 x 14336 43.8-47.0 -> 23.6-24.2; per-tensor
-#: 4096 x 14336 M = 16 35.1 -> 25.0).
-_EAGER_FUSED_MAX_M = {("token", "wide"): 1, ("token", "deep"): 1, ("tensor", "deep"): 8}
+#: existing path is 0.5-1 µs faster. Eagerly every scheme runs fused: one launch instead of 2-3. (Two
+#: launches, "prequant", take 22-24 µs of device time at 4096 x 14336, M = 8 / 16, against 44-47 fused,
+#: but on the H200 machine's host they cost 51-92 µs a call in an eager chain: decode_probe.py, run 3.)
+#: The dynamic schemes' one-launch kernel keeps run A / B's 128 x 256 split-K 4 tiles on deep and square
+#: layers, where `_TILES` has twice the programs (each re-reads x from L2: at 4096 x 14336, M = 16, 256
+#: programs read 117 MB).
+_EAGER_DYNAMIC_TILES = {cls: FusedTiles(block_n=128, block_k=256, split_k=4) for cls in ("deep", "square")}
 TABLE: dict[tuple[str, str], Rule] = {
     **{("static", cls): Rule(16, tiles) for cls, tiles in _TILES.items()},
     **{
-        ("token", cls): Rule(16, tiles, graph="prequant", eager_max_m=_EAGER_FUSED_MAX_M.get(("token", cls)))
+        ("token", cls): Rule(16, tiles, graph="prequant", eager_tiles=_EAGER_DYNAMIC_TILES.get(cls))
         for cls, tiles in _TILES.items()
     },
     **{
         ("tensor", cls): Rule(
-            16, tiles, graph="existing" if cls == "square" else "prequant", eager_max_m=_EAGER_FUSED_MAX_M.get(("tensor", cls))
+            16, tiles, graph="existing" if cls == "square" else "prequant", eager_tiles=_EAGER_DYNAMIC_TILES.get(cls)
         )
         for cls, tiles in _TILES.items()
     },
@@ -141,8 +137,8 @@ def rule_for(scheme: str | None, m: int, n: int, k: int) -> Rule | None:
     return rule if rule is not None and m <= rule.max_m else None
 
 
-def _tiles(rule: Rule, n: int, k: int, device: torch.device) -> FusedTiles:
-    tiles = rule.tiles
+def _tiles(rule: Rule, n: int, k: int, device: torch.device, capturing: bool = False) -> FusedTiles:
+    tiles = rule.tiles if capturing or rule.eager_tiles is None else rule.eager_tiles
     if tiles.split_k:
         return tiles
     tiles_n = -(-n // tiles.block_n)
@@ -176,7 +172,7 @@ def plan_for(
     rule = rule_for(scheme, m, n, k)
     if rule is None or x_dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return None
-    mode = rule.mode(m, capturing)
+    mode = rule.graph if capturing else rule.eager
     if mode == "existing" or kernels.unavailable_reason(device) is not None:
         return None
     prequant = mode == "prequant"
@@ -184,7 +180,7 @@ def plan_for(
         m, n, k, "fp8" if prequant else scheme, x_dtype=kernels._FP8_DTYPE if prequant else x_dtype,
         out_dtype=x_dtype, x_scale_rows=prequant and scheme == "token" and m > 1,
         weight_scale_rows=weight_scale_rows, has_bias=has_bias, fast_accum=fast_accum, device=device,
-        tiles=_tiles(rule, n, k, device),
+        tiles=_tiles(rule, n, k, device, capturing),
     )  # fmt: skip
     return None if plan is None else (mode, plan)
 
