@@ -206,20 +206,10 @@ class FP8Linear(FixedDtypeBuffers):
         to run is logged once and cached as None, so the layer keeps the existing path."""
         if key in self._skinny_plans:
             return None
-        m, dtype, device, capturing = key
-        entry = skinny.plan_for(
-            self._skinny_scheme, m, self.out_features, self.in_features, x_dtype=dtype,
-            weight_scale_rows=self.weight_scale.dim() != 0, has_bias=self.bias is not None, device=device,
-            capturing=capturing, fast_accum=self.use_fast_accum,
+        entry, out = skinny.plan_and_run(
+            self._skinny_scheme, x2d, self.weight, self.weight_scale, self.input_scale, self.bias,
+            self.activation_granularity, capturing=key[3], fast_accum=self.use_fast_accum,
         )  # fmt: skip
-        out = None
-        if entry is not None:
-            try:
-                out = self._run(entry, x2d.contiguous())
-            except Exception as exc:  # noqa: BLE001 - e.g. a Triton that cannot compile it
-                skinny.warn_once(f"the fused skinny-M path failed for M={m} x [{self.out_features}, {self.in_features}] "
-                                 f"({entry[0]}); this layer keeps the existing path: {type(exc).__name__}: {exc}")  # fmt: skip
-                entry = None
         if entry is not None or not torch.cuda.is_current_stream_capturing():  # None in capture: ask again later
             self._skinny_plans[key] = entry
         return out

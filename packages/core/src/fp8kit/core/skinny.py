@@ -26,7 +26,7 @@ _warned: set[str] = set()
 
 __all__ = [
     "MODES", "Rule", "TABLE", "MAX_M", "ENABLED", "scheme_of", "shape_class", "rule_for", "plan_for", "run_plan",
-    "warn_once", "skinny_linear",
+    "plan_and_run", "warn_once", "skinny_linear",
 ]  # fmt: skip
 
 
@@ -203,8 +203,40 @@ def run_plan(
     return plan(x2d, weight, weight_scale, input_scale, bias)
 
 
+def plan_and_run(
+    scheme: str | None,
+    x2d: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    input_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    granularity: str,
+    *,
+    capturing: bool,
+    fast_accum: bool,
+) -> tuple[tuple[str, kernels.FusedPlan] | None, torch.Tensor | None]:
+    """Plan x2d [M, K] @ weight [N, K] (`plan_for`, the mode of `capturing`) and run the plan once (Triton
+    compiles here): (entry, output [M, N]), or (None, None) where the existing path runs: no rule, or a
+    plan that failed to run (logged once)."""
+    m, k = x2d.shape
+    n = weight.shape[0]
+    entry = plan_for(
+        scheme, m, n, k, x_dtype=x2d.dtype, weight_scale_rows=weight_scale.dim() != 0, has_bias=bias is not None,
+        device=x2d.device, capturing=capturing, fast_accum=fast_accum,
+    )  # fmt: skip
+    if entry is None:
+        return None, None
+    try:
+        return entry, run_plan(entry, x2d.contiguous(), weight, weight_scale, input_scale, bias, granularity)
+    except Exception as exc:  # noqa: BLE001 - e.g. a Triton that cannot compile it
+        warn_once(f"the fused skinny-M path failed for M={m} x [{n}, {k}] ({entry[0]}); the existing path runs "
+                  f"instead: {type(exc).__name__}: {exc}")  # fmt: skip
+        return None, None
+
+
 # (rule, scheme, M, N, K, x dtype, device, per-channel weight scales, bias dtype, fast accumulation,
-# capturing) -> (mode, plan) or None: the launch plans of `skinny_linear` (the compiled path keeps no module state).
+# capturing) -> (mode, plan) or None: the launch plans of `skinny_linear` (the compiled path keeps no
+# module state; the rule is in the key so that a changed TABLE / ENABLED plans again).
 _op_plans: dict[tuple, tuple | None] = {}
 _GRANULARITY = {"static": "tensor", "tensor": "tensor", "token": "token"}
 
@@ -231,27 +263,24 @@ def skinny_linear(
     The first call of a shape outside CUDA-graph capture also compiles the capture-mode plan."""
     x = x.contiguous()
     m, k = x.shape
-    n = weight.shape[0]
     capturing = torch.cuda.is_current_stream_capturing() if x.is_cuda else False
-    rule = rule_for(scheme, m, n, k)  # in the key: a changed TABLE / ENABLED plans again
-    base = (rule, scheme, m, n, k, x.dtype, x.device, weight_scale.dim() != 0, None if bias is None else bias.dtype, fast_accum)
+    base = (rule_for(scheme, m, weight.shape[0], k), scheme, m, weight.shape[0], k, x.dtype, x.device,
+            weight_scale.dim() != 0, None if bias is None else bias.dtype, fast_accum)  # fmt: skip
     granularity = _GRANULARITY[scheme]
-    for mode_capturing in (capturing,) if capturing else (False, True):
+    out = None
+    for mode_capturing in (capturing,) if capturing else (False, True):  # outside capture: both plans compiled
         key = (*base, mode_capturing)
         if key not in _op_plans:
-            entry = rule and plan_for(
-                scheme, m, n, k, x_dtype=x.dtype, weight_scale_rows=weight_scale.dim() != 0, has_bias=bias is not None,
-                device=x.device, capturing=mode_capturing, fast_accum=fast_accum,
+            entry, result = plan_and_run(
+                scheme, x, weight, weight_scale, input_scale, bias, granularity, capturing=mode_capturing,
+                fast_accum=fast_accum,
             )  # fmt: skip
-            if entry is not None and not capturing:
-                try:  # compile (and check) it now, outside any capture
-                    run_plan(entry, x, weight, weight_scale, input_scale, bias, granularity)
-                except Exception as exc:  # noqa: BLE001 - e.g. a Triton that cannot compile it
-                    warn_once(f"the fused skinny-M path failed for M={m} x [{n}, {k}] ({entry[0]}); the existing "
-                              f"path runs instead: {type(exc).__name__}: {exc}")  # fmt: skip
-                    entry = None
+            if mode_capturing == capturing:
+                out = result
             if entry is not None or not capturing:  # None during capture: ask again later
                 _op_plans[key] = entry
+    if out is not None:
+        return out
     entry = _op_plans.get((*base, capturing))
     if entry is not None:
         return run_plan(entry, x, weight, weight_scale, input_scale, bias, granularity)
