@@ -170,6 +170,10 @@ def test_hugging_face_cache_snapshot_symlinks_are_copied(tmp_path):
     [
         ({"use_fast_accum": "no"}, r"use_fast_accum='no' must be True or False, not str"),
         ({"kv_cache": 1}, r"kv_cache=1 must be True or False, not int"),
+        ({"gptq_act_order": "yes"}, r"gptq_act_order='yes' must be True or False, not str"),
+        ({"smoothing": "0.5"}, r"smoothing='0.5' must be a number, not str"),
+        ({"gptq_dampening": True}, r"gptq_dampening=True must be a number, not bool"),
+        ({"gptq_block_size": 64.0}, r"gptq_block_size=64.0 must be an int, not float"),
         ({"ignore": [1]}, r"ignore: entry 1 is a int"),
         ({"ignore": ["lm_head", None]}, r"ignore: entry None is a NoneType"),
         ({"ignore": "lm_head"}, r"ignore must be a list of names or 're:' patterns, not str"),

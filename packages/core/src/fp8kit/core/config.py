@@ -78,7 +78,7 @@ class QuantConfig:
             value = getattr(self, name)
             if not isinstance(value, str) or value not in choices:
                 raise ConfigError(f"QuantConfig.{name}={value!r} is not one of {list(choices)}")
-        for name in ("kv_cache", "use_fast_accum", "calibrate_all_experts"):
+        for name in ("kv_cache", "use_fast_accum", "calibrate_all_experts", "gptq_act_order"):
             value = getattr(self, name)
             if not isinstance(value, bool):  # "no" is truthy: never guess a flag from a string or a number
                 raise ConfigError(f"QuantConfig.{name}={value!r} must be True or False, not {type(value).__name__}")
@@ -100,6 +100,12 @@ class QuantConfig:
                 "block weights go with 1 x group_size activation groups and nothing else (the pairing torch's "
                 "block-wise GEMM, vLLM and transformers run); use weight='block', activation_granularity='group'"
             )
+        for name, allow_none in (("smoothing", True), ("gptq_dampening", False), ("gptq_block_size", False)):
+            value = getattr(self, name)
+            numeric = (int,) if name == "gptq_block_size" else (int, float)
+            if not (value is None and allow_none) and (isinstance(value, bool) or not isinstance(value, numeric)):
+                kind = "an int" if name == "gptq_block_size" else "a number"
+                raise ConfigError(f"QuantConfig.{name}={value!r} must be {kind}, not {type(value).__name__}")
         if self.smoothing is not None and not 0.0 <= self.smoothing <= 1.0:
             raise ConfigError(f"QuantConfig.smoothing={self.smoothing!r} must be None or an alpha in [0, 1]")
         if self.gptq_block_size < 1:
