@@ -287,6 +287,21 @@ def test_outlier_that_zeroes_most_codes_warns_with_layer_and_share(tmp_path, cap
     assert len(warned) == 1 and re.match(r"layer model\.layers\.1\.self_attn\.o_proj: (99\.9|100\.0)%", warned[0])
 
 
+def test_outlier_in_fused_experts_warns_once_naming_the_experts(caplog):
+    # Mixtral's fused experts [E, N, K]: an outlier in expert 1's gate rows zeroes its gate part (its own
+    # scale); one warning per projection names the expert, none for the clean projection.
+    from tiny_models import make_tiny_moe
+
+    model = make_tiny_moe("mixtral")
+    with torch.no_grad():
+        model.model.layers[0].mlp.experts.gate_up_proj[1, 0, 0] = 1e30
+    with caplog.at_level(logging.WARNING, logger="fp8kit"):
+        quantize(model, QuantConfig())
+    warned = [r.getMessage() for r in caplog.records if "quantize to FP8 zero" in r.getMessage()]
+    assert len(warned) == 1
+    assert re.match(r"layer model\.layers\.0\.mlp\.experts\.gate_up_proj: in experts \[1\], up to (49|50)\.\d% of", warned[0])
+
+
 def test_kv_calibration_never_yields_a_non_finite_scale():
     model = make_tiny_llama()
     with torch.no_grad():

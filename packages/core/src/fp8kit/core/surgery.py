@@ -228,9 +228,21 @@ def _sibling_expert_scale(name: str, input_scales: dict[str, torch.Tensor]) -> t
 
 def warn_if_outliers(layer: str, weight_hp: torch.Tensor, weight_fp8: torch.Tensor) -> float:
     """Log a warning naming `layer` when its FP8 weight lost most of its values to underflow
-    (`scaling.zeroed_fraction` > `ZEROED_WARN_SHARE`: one huge outlier set the scale); returns the share."""
+    (`scaling.zeroed_fraction` > `ZEROED_WARN_SHARE`: one huge outlier set the scale); returns the share.
+    Fused experts ([E, N, K]: one scale set per expert) are judged expert by expert, in one warning that
+    names the experts; the worst expert's share is returned."""
     from .scaling import zeroed_fraction
 
+    if weight_hp.dim() == 3:
+        shares = [zeroed_fraction(weight_hp[e], weight_fp8[e]) for e in range(weight_hp.shape[0])]
+        lost = [e for e, share in enumerate(shares) if share > ZEROED_WARN_SHARE]
+        if lost:
+            logger.warning(
+                "layer %s: in experts %s, up to %.1f%% of the non-zero weights quantize to FP8 zero (set by "
+                "outliers); their outputs will be mostly lost: quantize per channel (weight='channel'), ignore the "
+                "layer, or fix the weights", layer, lost, 100 * max(shares),
+            )  # fmt: skip
+        return max(shares, default=0.0)
     share = zeroed_fraction(weight_hp, weight_fp8)
     if share > ZEROED_WARN_SHARE:
         amax = float(weight_hp.abs().amax()) if weight_hp.numel() else 0.0
@@ -348,6 +360,9 @@ def _swap(
     with materialized(old) as hook:  # offloaded (accelerate): real weights on the execution device meanwhile
         if experts:
             new = FP8Experts.from_experts(old, config, expert_scales)
+            layout = experts_layout(old)
+            for proj in layout.projections:
+                warn_if_outliers(f"{name}.{proj}", canonical_weight(old, layout, proj).detach(), getattr(new, proj))
         else:
             if hook is not None and not torch.isfinite(old.weight).all():
                 raise ModelLoadError(f"layer {name}: weight {tuple(old.weight.shape)} contains NaN or Inf")
