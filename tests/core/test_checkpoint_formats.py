@@ -6,6 +6,7 @@ refused with the file and the group named.
 """
 
 import json
+import logging
 import re
 
 import pytest
@@ -14,6 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fp8kit.core import CheckpointError, FP8Linear, QuantConfig, load_quantized, quantize, save_quantized
+from fp8kit.core.checkpoint import save_hf
+from fp8kit.core.streaming import quantize_checkpoint
 from fp8kit.core import scaling
 from fp8kit.core.checkpoint import FORMATS, layer_tensors, quantization_config_dict
 
@@ -717,3 +720,27 @@ def test_cli_writes_per_channel_compressed_tensors(tiny_llama_dir, tmp_path):
     assert qc["config_groups"]["group_0"]["weights"]["strategy"] == "channel"
     loaded = load_quantized(out)
     assert loaded.fp8kit_config.weight == "channel" and len(loaded.fp8kit_report.quantized) == 14
+
+
+def test_partial_blocks_are_named_in_one_warning_by_both_save_paths(tmp_path, caplog):
+    # The tiny Llama (hidden 64, MLP 128, k / v 32 rows): 128 x 128 blocks are partial in every layer; 16 x 16 in
+    # none. In-memory save and streaming warn once each, with the count and the first names.
+    model = make_tiny_llama()
+    src = tmp_path / "src"
+    save_hf(model, src)
+    for block, expect in (((128, 128), True), ((16, 16), False)):
+        config = QuantConfig(weight="block", activation_granularity="group", block_size=block, group_size=block[1])
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="fp8kit"):
+            qmodel = make_tiny_llama()
+            quantize(qmodel, config)
+            save_quantized(qmodel, tmp_path / f"mem-{block[0]}")
+            quantize_checkpoint(src, tmp_path / f"stream-{block[0]}", config, progress=False)
+        warned = [r.getMessage() for r in caplog.records if "partial" in r.getMessage()]
+        if expect:
+            assert len(warned) == 2
+            for message in warned:
+                assert re.match(r"14 of 14 block-quantized layers have partial 128 x 128 blocks \(model\.layers\.0\.(self_attn|mlp)\.[a-z]+_proj, ", message)
+                assert "and 10 more" in message
+        else:
+            assert warned == []

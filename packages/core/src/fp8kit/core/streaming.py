@@ -39,6 +39,7 @@ from .checkpoint import (
     quantization_config_dict,
     read_quantization_config,
 )
+from .checkpoint.formats import warn_partial_blocks
 from .checkpoint.moe import disk_expert_linears, disk_renamer, disk_state, ignored_layers
 from .checkpoint.writer import SAFETENSORS_DTYPES, pack_shards, shard_names, write_config, write_index
 from .config import QuantConfig
@@ -483,6 +484,9 @@ def quantize_checkpoint(
     packed = pack_shards([(str(i), sum(o.nbytes for o in u)) for i, u in enumerate(units)], max_shard_bytes)
     shards = [[units[int(i)] for i in shard] for shard in packed]  # [shard][unit][tensor]
     files = shard_names(len(shards))
+    if config.weight == "block":
+        warn_partial_blocks({o.layer: o.shape for o in outs if o.layer is not None and o.dtype == scaling.FP8_DTYPE},
+                            config.block_size)  # fmt: skip
     report = StreamReport(path=out, quantized=list(targets), skipped=dict(skipped), device=str(device))
     report.bytes_in = sum(u[0].source.nbytes for u in units if u[0].source is not None)  # bytes read
     report.bytes_out = sum(o.nbytes for o in outs)

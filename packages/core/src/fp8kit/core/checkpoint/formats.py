@@ -10,6 +10,7 @@ scale_dtype) -> (key, tensor)`` (how it stores 128 x 128 block scales). Adding a
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -20,6 +21,8 @@ from ..config import QuantConfig
 from ..errors import CheckpointError
 from ..scaling import FP8_DTYPE
 from . import compressed_tensors, fp8
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "FORMATS",
@@ -152,3 +155,21 @@ def layer_tensors(
 def kv_scale_shape(format: str) -> tuple[int, ...]:
     """Shape of the per-attention ``k_scale`` / ``v_scale`` tensors in `format`: [] ("fp8") or [1]."""
     return _module(format).SCALAR_SHAPE
+
+
+def warn_partial_blocks(shapes: dict[str, tuple[int, int]], block_size: tuple[int, int]) -> list[str]:
+    """Log one warning naming the block-quantized layers whose weight [N, K] is not a whole number of
+    `block_size` (bn, bk) blocks; returns their names. fp8kit and vLLM read partial edge blocks;
+    transformers' CPU dequantizer refuses or misreads such shapes and compressed-tensors' own forward
+    needs K divisible by bk (README, "Partial blocks")."""
+    bn, bk = block_size
+    partial = [name for name, (n, k) in shapes.items() if n % bn or k % bk]
+    if partial:
+        shown = ", ".join(partial[:4]) + (f" and {len(partial) - 4} more" if len(partial) > 4 else "")
+        logger.warning(
+            "%d of %d block-quantized layers have partial %d x %d blocks (%s): fp8kit and vLLM read them, "
+            "transformers' CPU dequantizer refuses or misreads them and compressed-tensors' forward needs K "
+            "divisible by %d; --ignore those layers if such readers matter",
+            len(partial), len(shapes), bn, bk, shown, bk,
+        )  # fmt: skip
+    return partial

@@ -18,7 +18,7 @@ from ..experts import FP8Experts, experts_layout
 from ..files import check_disjoint
 from ..linear import FP8Linear
 from ..offload import offloaded_tensor
-from .formats import DEFAULT_FORMAT, check_format, kv_scale_shape, layer_tensors, quantization_config_dict
+from .formats import DEFAULT_FORMAT, check_format, kv_scale_shape, layer_tensors, quantization_config_dict, warn_partial_blocks
 from .moe import INPUT_SCALE_MODES, disk_renamer, experts_to_disk, ignored_layers
 from .load import _normalize_tensors, check_fp8_tensors
 from .writer import atomic_directory, write_config, write_shards
@@ -146,6 +146,11 @@ def save_quantized(
     tensors = _checkpoint_tensors(model, format, moe_input_scales)
     block = config.block_size if config.weight == "block" else None
     check_fp8_tensors(_normalize_tensors(tensors, Path(path)), lambda key: f"{path} (not written)", block)
+    if block is not None:
+        warn_partial_blocks(
+            {name: tuple(m.weight.shape) for name, m in model.named_modules()
+             if isinstance(m, FP8Linear) and m.weight_granularity == "block"}, block,
+        )  # fmt: skip
 
     with atomic_directory(path, overwrite=overwrite) as tmp:
         write_config(tmp, config_dict)
