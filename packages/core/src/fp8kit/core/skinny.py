@@ -7,8 +7,9 @@ the activation, streams the FP8 weight and applies both scales in one launch. Wh
 depends on the scheme (the dynamic ones reduce the whole activation in every program), M and the
 weight's shape, and differs inside and outside CUDA-graph capture, so the choice is a table per
 (scheme, shape class) with an eager and a graph mode, filled from GPU runs of
-`tools/gpu/fused_decode_check.py` (numbers in docs/dev/kernels-notes.md). A (scheme, class) that is not
-in the table keeps the existing path.
+`tools/gpu/fused_decode_check.py` and `tools/gpu/decode_probe.py` (numbers in docs/dev/kernels-notes.md
+and docs/BENCHMARKS.md). A (scheme, class) that is not in the table keeps the existing path.
+`skinny_linear` is the same path as a torch operator, which `torch.compile` keeps opaque.
 """
 
 from __future__ import annotations
