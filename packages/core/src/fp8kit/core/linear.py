@@ -164,15 +164,9 @@ class FP8Linear(FixedDtypeBuffers):
             if out is not None:
                 return out if flat else out.reshape(*x.shape[:-1], self.out_features)
         # Triton kernels on GPU in eager; the torch reference ops under torch.compile.
-        x_fp8, x_scale = scaling.quantize_activation(x2d, self.activation_granularity, self.input_scale)
-        out = scaling.fp8_matmul(
-            x_fp8,
-            self.weight,
-            x_scale,
-            self.weight_scale,
-            bias=self.bias,
-            out_dtype=x.dtype,
-            use_fast_accum=self.use_fast_accum,
+        out = scaling.quantized_linear(
+            x2d, self.weight, self.weight_scale, self.input_scale, self.bias, self.activation_granularity,
+            out_dtype=x.dtype, use_fast_accum=self.use_fast_accum,
         )  # (M, N)
         return out if flat else out.reshape(*x.shape[:-1], self.out_features)
 

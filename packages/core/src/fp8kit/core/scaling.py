@@ -34,6 +34,7 @@ __all__ = [
     "quantize_weight",
     "dequantize",
     "zeroed_fraction",
+    "quantized_linear",
     "fp8_matmul",
     "fp8_block_matmul",
     "scaled_mm_unsupported_reason",
@@ -311,6 +312,20 @@ def _reference_matmul(
     return out.to(out_dtype)
 
 
+def _rejected(
+    exc: RuntimeError,
+    x_fp8: torch.Tensor,
+    weight_fp8: torch.Tensor,
+    x_scale: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The fallback where `torch._scaled_mm` rejected this call: one logged warning, the dequantized reference."""
+    _warn_once(f"torch._scaled_mm rejected {tuple(x_fp8.shape)} x {tuple(weight_fp8.shape)} -> {out_dtype}: {exc}")
+    return _reference_matmul(x_fp8, weight_fp8, x_scale, weight_scale, bias, out_dtype)
+
+
 def _unit_scale(device: torch.device) -> torch.Tensor | None:
     """Cached fp32 [] 1.0 on `device`; None when it does not exist yet and the stream is capturing a
     CUDA graph (a tensor made during capture holds its value only in the graph's replays)."""
@@ -367,8 +382,7 @@ def _skinny_rowwise_matmul(
     try:
         acc = torch._scaled_mm(x_fp8, weight_t, one, one, out_dtype=torch.float32, use_fast_accum=use_fast_accum)
     except RuntimeError as exc:  # a shape cuBLAS rejects (e.g. K % 16): the row-wise GEMM would too
-        _warn_once(f"torch._scaled_mm rejected {tuple(x_fp8.shape)} x {tuple(weight_fp8.shape)} -> {out_dtype}: {exc}")
-        return _reference_matmul(x_fp8, weight_fp8, x_scale, weight_scale, bias, out_dtype)
+        return _rejected(exc, x_fp8, weight_fp8, x_scale, weight_scale, bias, out_dtype)
     if isinstance(acc, tuple):  # torch < 2.5 returned (out, amax)
         acc = acc[0]
     return kernels.scale_epilogue(acc, x_scale, weight_scale, bias, out_dtype)
@@ -440,15 +454,31 @@ def fp8_matmul(
                 x_fp8, weight_t, scale_a, scale_b, bias=fused_bias, out_dtype=gemm_dtype, use_fast_accum=use_fast_accum
             )
         except RuntimeError as exc:
-            _warn_once(
-                f"torch._scaled_mm rejected {tuple(x_fp8.shape)} x {tuple(weight_fp8.shape)} -> {out_dtype}: {exc}"
-            )
-            return _reference_matmul(x_fp8, weight_fp8, x_scale, weight_scale, bias, out_dtype)
+            return _rejected(exc, x_fp8, weight_fp8, x_scale, weight_scale, bias, out_dtype)
     if isinstance(out, tuple):  # torch < 2.5 returned (out, amax)
         out = out[0]
     if bias is not None and fused_bias is None:
         out = out.float() + bias.float()
     return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
+def quantized_linear(
+    x2d: torch.Tensor,
+    weight_fp8: torch.Tensor,
+    weight_scale: torch.Tensor,
+    input_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    granularity: str,
+    *,
+    out_dtype: torch.dtype,
+    use_fast_accum: bool = False,
+) -> torch.Tensor:
+    """x2d [M, K] quantized per `granularity` (or with the static `input_scale`, `quantize_activation`)
+    times weight_fp8 [N, K] (`fp8_matmul`): [M, N] in out_dtype. `FP8Linear`'s path outside the fused one."""
+    x_fp8, x_scale = quantize_activation(x2d, granularity, input_scale)
+    return fp8_matmul(
+        x_fp8, weight_fp8, x_scale, weight_scale, bias=bias, out_dtype=out_dtype, use_fast_accum=use_fast_accum
+    )
 
 
 # ----------------------------------------------------------------------------- block-wise GEMM

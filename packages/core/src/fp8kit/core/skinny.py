@@ -285,8 +285,9 @@ def skinny_linear(
     entry = _op_plans.get((*base, capturing))
     if entry is not None:
         return run_plan(entry, x, weight, weight_scale, input_scale, bias, granularity)
-    x_fp8, x_scale = scaling.quantize_activation(x, granularity, input_scale)
-    return scaling.fp8_matmul(x_fp8, weight, x_scale, weight_scale, bias=bias, out_dtype=x.dtype, use_fast_accum=fast_accum)
+    return scaling.quantized_linear(
+        x, weight, weight_scale, input_scale, bias, granularity, out_dtype=x.dtype, use_fast_accum=fast_accum
+    )
 
 
 @skinny_linear.register_fake
