@@ -100,11 +100,13 @@ class QuantConfig:
                 "block weights go with 1 x group_size activation groups and nothing else (the pairing torch's "
                 "block-wise GEMM, vLLM and transformers run); use weight='block', activation_granularity='group'"
             )
-        for name, allow_none in (("smoothing", True), ("gptq_dampening", False), ("gptq_block_size", False)):
+        for name, types, kind in (
+            ("smoothing", (int, float, type(None)), "a number"),
+            ("gptq_dampening", (int, float), "a number"),
+            ("gptq_block_size", (int,), "an int"),
+        ):
             value = getattr(self, name)
-            numeric = (int,) if name == "gptq_block_size" else (int, float)
-            if not (value is None and allow_none) and (isinstance(value, bool) or not isinstance(value, numeric)):
-                kind = "an int" if name == "gptq_block_size" else "a number"
+            if isinstance(value, bool) or not isinstance(value, types):  # True is an int: refused as well
                 raise ConfigError(f"QuantConfig.{name}={value!r} must be {kind}, not {type(value).__name__}")
         if self.smoothing is not None and not 0.0 <= self.smoothing <= 1.0:
             raise ConfigError(f"QuantConfig.smoothing={self.smoothing!r} must be None or an alpha in [0, 1]")
