@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from fp8kit.bench.model_speed import _Decode, build_model, quantized_copy
+from fp8kit.bench.model_speed import _Decode
 from fp8kit.bench.workloads import llama3_8b_stack_config
+from stack_models import stack_models
 
 STEPS = 5
 CATEGORIES = (
@@ -48,13 +49,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda")
     config = llama3_8b_stack_config(4)
-    base = build_model(config, False, device, torch.bfloat16)
-    calibration = [torch.randint(0, config.vocab_size, (1, 512), device=device)]
-    prompt = torch.randint(0, config.vocab_size, (8, 64), device=device)
-    ids = torch.randint(0, config.vocab_size, (8, 1), device=device)
+    gen = torch.Generator(device=device).manual_seed(1)
+    prompt = torch.randint(0, config.vocab_size, (8, 64), device=device, generator=gen)
+    ids = torch.randint(0, config.vocab_size, (8, 1), device=device, generator=gen)
     rows, report = [], (out / "profile.txt").open("w")
-    for backend in ("torch-bf16", "fp8-static-tensor", "fp8-dynamic-token"):
-        model = base if backend == "torch-bf16" else quantized_copy(base, backend, calibration)[0]
+    for backend, model in stack_models(config, device, ("torch-bf16", "fp8-static-tensor", "fp8-dynamic-token")):
         decode = _Decode(model, prompt, ids, 1024)
         step = torch.compile(decode.step, dynamic=False)
         with torch.no_grad():
@@ -81,8 +80,7 @@ def main() -> None:
             print(f"  {us:8.1f} µs/step  {count // STEPS:4d} launches/step  [{category(name)}] {name[:110]}", file=report)
         report.flush()
         del decode, step
-        if model is not base:
-            del model
+        del model
         torch.cuda.empty_cache()
     fields = sorted({k for r in rows for k in r}, key=lambda k: (k != "backend", k))
     with (out / "profile.csv").open("w", newline="") as f:

@@ -132,9 +132,10 @@ def tiles_sweep(out: Path, end: float) -> None:
 def stack(out: Path, end: float) -> None:
     from torch import nn
 
-    from fp8kit.bench.model_speed import _Decode, build_model, quantized_copy
+    from fp8kit.bench.model_speed import _Decode
     from fp8kit.bench.workloads import llama3_8b_stack_config
     from fp8kit.core import FP8Linear
+    from stack_models import stack_models
 
     report = (out / "stack.txt").open("w")
     table = fdc.Csv(out / "stack.csv")
@@ -144,10 +145,7 @@ def stack(out: Path, end: float) -> None:
         config = llama3_8b_stack_config(1)
         config.hidden_size, config.intermediate_size, config.num_attention_heads = 64, 128, 4
         config.num_key_value_heads, config.head_dim = 2, 16
-    base = build_model(config, False, device, torch.bfloat16)
-    calibration = [torch.randint(0, config.vocab_size, (1, 128), device=device)]
-    for backend in ("torch-bf16", "fp8-static-tensor", "fp8-dynamic-token"):
-        model = base if backend == "torch-bf16" else quantized_copy(base, backend, calibration)[0]
+    for backend, model in stack_models(config, device, ("torch-bf16", "fp8-static-tensor", "fp8-dynamic-token"), 128):
         for batch in (1, 8):
             if time.monotonic() > end:
                 return
@@ -202,8 +200,7 @@ def stack(out: Path, end: float) -> None:
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60), file=report)
             report.flush()
             del decode
-        if model is not base:
-            del model
+        del model
         torch.cuda.empty_cache()
 
 

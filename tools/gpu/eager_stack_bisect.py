@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-from fp8kit.bench.model_speed import _Decode, build_model, quantized_copy
+from fp8kit.bench.model_speed import _Decode
 from fp8kit.bench.workloads import llama3_8b_stack_config
+from stack_models import stack_models
 
 
 def step_ms(decode) -> float:
@@ -47,11 +48,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda")
     config = llama3_8b_stack_config(4)
-    base = build_model(config, False, device, torch.bfloat16)
-    calibration = [torch.randint(0, config.vocab_size, (1, 512), device=device)]
-    models = {"torch-bf16": base}
-    for backend in ("fp8-static-tensor", "fp8-dynamic-token"):
-        models[backend] = quantized_copy(base, backend, calibration)[0]
+    models = dict(stack_models(config, device, ("torch-bf16", "fp8-static-tensor", "fp8-dynamic-token")))
     decodes = {}
     for batch in (1, 8):
         prompt = torch.randint(0, config.vocab_size, (batch, 64), device=device)
